@@ -1,0 +1,138 @@
+"""Training throughput of a config, and the overhead of train.py over a bare PyTorch loop.
+
+    python benchmark.py --config configs/shakespeare_cpu.json [--steps 30] [--rounds 5] [--key=value ...]
+
+Both loops train identical copies of the model on the same batches with the same optimizer. The
+train.py side runs its whole step: schedule lookup, reading the micro-batches from the memmap
+through the sampler, and `train_step` under Accelerate (real-token loss normalisation, gradient
+clipping). The bare side runs forward, mean loss, backward, clipping and the optimizer step on
+batches already in memory. Rounds alternate between the two so drift in machine speed hits both;
+the median step time of each is reported.
+"""
+
+import argparse
+import copy
+import json
+import statistics
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.nn import functional as F
+
+from config import load_config, run_cli
+from data import EpochSampler, open_split
+from models import count_parameters, optimizer_groups
+from scheduler import RunSchedules
+from train import (
+    apply_settings,
+    build_model_and_tokenizer,
+    fetch_micro_batches,
+    mixed_precision_mode,
+    open_data,
+    train_step,
+)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per round")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds of each loop")
+    parser.add_argument("--output", help="write the figures as JSON to this file")
+    args, config_args = parser.parse_known_args(argv)
+    config, name = load_config(config_args)
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision_mode(config),
+        dynamo_backend="inductor" if config.compile else "no",
+    )
+    set_seed(config.seed)
+    meta = open_data(config, accelerator)
+    model, _ = build_model_and_tokenizer(config, meta)
+    bare_model = copy.deepcopy(model).to(accelerator.device)
+    split = open_split(config.data.path, meta, "train", config.model.block_size, config.seed)
+    sampler = EpochSampler(split.num_samples, config.seed)
+    accum = round(config.grad_accum.peak)
+    step_samples = config.batch_size * accum * accelerator.num_processes
+    step_tokens = step_samples * split.fetch([0])[0].size(1)
+    schedules = RunSchedules(config.lr, config.weight_decay, config.grad_accum, 10**15)
+
+    def new_optimizer(m):
+        return torch.optim.AdamW(
+            optimizer_groups(m, config.weight_decay.peak),
+            lr=config.lr.peak,
+            betas=(config.optim.beta1, config.optim.beta2),
+            fused=torch.cuda.is_available(),
+        )
+
+    model, optimizer = accelerator.prepare(model, new_optimizer(model))
+    bare_optimizer = new_optimizer(bare_model)
+    if config.compile:
+        bare_model = torch.compile(bare_model)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    bare_scaler = torch.amp.GradScaler(enabled=dtype is torch.float16)
+
+    def ours(position: int) -> None:
+        settings = schedules.at(position * step_tokens)
+        apply_settings(optimizer, settings)
+        batches = fetch_micro_batches(sampler, split, position, accum, config, accelerator)
+        train_step(model, optimizer, accelerator, batches, config.optim.grad_clip)
+
+    bare_batches = [
+        [
+            (x.to(accelerator.device), y.to(accelerator.device))
+            for x, y in fetch_micro_batches(sampler, split, p, accum, config, accelerator)
+        ]
+        for p in range(0, args.steps * step_samples, step_samples)
+    ]
+
+    def bare(position: int) -> None:
+        for x, y in bare_batches[position // step_samples % len(bare_batches)]:
+            with torch.autocast(accelerator.device.type, dtype=dtype, enabled=dtype is not None):
+                logits = bare_model(x)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1)) / accum
+            bare_scaler.scale(loss).backward()
+        bare_scaler.unscale_(bare_optimizer)
+        torch.nn.utils.clip_grad_norm_(bare_model.parameters(), config.optim.grad_clip)
+        bare_scaler.step(bare_optimizer)
+        bare_scaler.update()
+        bare_optimizer.zero_grad(set_to_none=True)
+
+    def timed_round(step_fn) -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for i in range(args.steps):
+            step_fn(i * step_samples)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / args.steps
+
+    timed_round(ours), timed_round(bare)  # warm up (and compile, if on)
+    times = {"train.py": [], "bare": []}
+    for _ in range(args.rounds):
+        times["train.py"].append(timed_round(ours))
+        times["bare"].append(timed_round(bare))
+    ours_s, bare_s = statistics.median(times["train.py"]), statistics.median(times["bare"])
+    result = {
+        "config": name,
+        "device": str(accelerator.device),
+        "precision": accelerator.mixed_precision,
+        "parameters": count_parameters(accelerator.unwrap_model(model)),
+        "tokens_per_step": step_tokens,
+        "train_py_tokens_per_sec": step_tokens / ours_s,
+        "bare_tokens_per_sec": step_tokens / bare_s,
+        "overhead_percent": 100 * (ours_s / bare_s - 1),
+    }
+    print(
+        f"{name} on {result['device']} ({result['precision']}), {step_tokens} tokens/step: "
+        f"train.py {result['train_py_tokens_per_sec']:,.0f} tok/s, bare PyTorch "
+        f"{result['bare_tokens_per_sec']:,.0f} tok/s, overhead {result['overhead_percent']:+.1f}%"
+    )
+    if args.output:
+        with open(args.output, "w") as file:
+            json.dump(result, file, indent=2)
+
+
+if __name__ == "__main__":
+    run_cli(main)

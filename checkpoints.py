@@ -1,0 +1,205 @@
+"""Model checkpoints: self-contained safetensors directories, written atomically, rotated by val loss.
+
+A checkpoint directory holds everything needed to use the model without the run or the corpus:
+
+    model.safetensors   weights (tensors only: nothing is unpickled when loading)
+    config.json         model configuration
+    data.json           what the model was trained on (data format, arithmetic task, ...)
+    tokenizer.json      the tokenizer or character vocabulary (+ tokenizer_config.json)
+    manifest.json       sha256 of every file, written last
+
+Writes go to a temporary sibling directory that is renamed into place once complete and flushed,
+so a crash leaves either the old state or the new one, never a half-written checkpoint.
+"""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from config import UserError
+from models import ModelConfig, build_model
+from tokenizer import Tokenizer
+
+MODEL_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_directory_atomically(target: Path, fill) -> None:
+    """Create target by fill(tmp_dir) in a temporary sibling, add a manifest, flush, and rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        tmp_dir.chmod(0o755)
+        fill(tmp_dir)
+        files = sorted(p for p in tmp_dir.iterdir() if p.is_file())
+        manifest = {"files": {p.name: sha256_of(p) for p in files}}
+        (tmp_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        for path in [*files, tmp_dir / MANIFEST_FILE, tmp_dir]:
+            _fsync(path)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp_dir, target)
+        _fsync(target.parent)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def model_state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Weights on the CPU, contiguous, with a tied output layer stored once."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def save_checkpoint(
+    directory: Path, model: nn.Module, tokenizer: Tokenizer, data_info: dict, info: dict
+) -> None:
+    """Write a checkpoint directory of an unwrapped model (see the module docstring)."""
+    state = model_state_for_saving(model)
+
+    def fill(tmp_dir: Path) -> None:
+        save_file(state, tmp_dir / MODEL_FILE, metadata={"format": "pt"})
+        config = {"gptlab": asdict(model.config), **info}
+        (tmp_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp_dir / "data.json").write_text(json.dumps(data_info, indent=2) + "\n")
+        tokenizer.save(tmp_dir)
+
+    write_directory_atomically(Path(directory), fill)
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A checkpoint directory itself, or a run directory (meaning its best checkpoint)."""
+    path = Path(path)
+    if (path / MODEL_FILE).is_file():
+        return path
+    if (path / "best" / MODEL_FILE).is_file():
+        return (path / "best").resolve()
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist; pass a run directory such as out/adder")
+    raise UserError(
+        f"{path} is not a checkpoint: it has no {MODEL_FILE} and no best/ checkpoint; "
+        "pass a run directory (out/<run>) or one of its checkpoints"
+    )
+
+
+def verify_manifest(directory: Path) -> None:
+    manifest_path = directory / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise UserError(f"{directory} has no {MANIFEST_FILE}: the checkpoint is incomplete")
+    for name, digest in json.loads(manifest_path.read_text())["files"].items():
+        if not (directory / name).is_file() or sha256_of(directory / name) != digest:
+            raise UserError(f"{directory / name} is missing or corrupt (checksum mismatch)")
+
+
+@dataclass
+class Checkpoint:
+    model: nn.Module
+    tokenizer: Tokenizer
+    data_info: dict
+    info: dict
+    directory: Path
+
+
+def load_checkpoint(path: str | Path, dropout: float | None = None) -> Checkpoint:
+    """Load a checkpoint directory (or a run's best) onto the CPU, in eval mode."""
+    directory = resolve_checkpoint_dir(path)
+    verify_manifest(directory)
+    info = json.loads((directory / "config.json").read_text())
+    if "gptlab" not in info:
+        raise UserError(f"{directory}/config.json was not written by this project's train.py")
+    model_config = ModelConfig(**info.pop("gptlab"))
+    if dropout is not None:
+        model_config.dropout = dropout
+    model = build_model(model_config)
+    state = load_file(directory / MODEL_FILE, device="cpu")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    allowed_missing = {"lm_head.weight"} if model_config.tie_embeddings else set()
+    if set(missing) - allowed_missing or unexpected:
+        raise UserError(
+            f"{directory / MODEL_FILE} does not match its config.json "
+            f"(missing {sorted(set(missing) - allowed_missing)}, unexpected {sorted(unexpected)})"
+        )
+    data_info = json.loads((directory / "data.json").read_text())
+    return Checkpoint(model.eval(), Tokenizer.load(directory), data_info, info, directory)
+
+
+class CheckpointRotator:
+    """Keep the best `keep_best` checkpoints of a run by val loss (0 keeps all of them).
+
+    Checkpoints live in out_dir/checkpoints/step-<step>-val-<loss>; out_dir/best and
+    out_dir/latest are symbolic links to the best and the newest one kept.
+    """
+
+    def __init__(self, out_dir: Path, keep_best: int):
+        self.out_dir = Path(out_dir)
+        self.root = self.out_dir / "checkpoints"
+        self.keep_best = keep_best
+
+    def kept(self) -> list[tuple[float, int, Path]]:
+        """(val loss, step, directory) of every complete checkpoint, best first."""
+        found = []
+        for directory in self.root.glob("step-*") if self.root.is_dir() else []:
+            config_path = directory / "config.json"
+            if (directory / MANIFEST_FILE).is_file() and config_path.is_file():
+                info = json.loads(config_path.read_text())
+                found.append((info["val_loss"], info["step"], directory))
+        return sorted(found, key=lambda item: (item[0], item[1]))
+
+    def wants(self, val_loss: float) -> bool:
+        """Whether a checkpoint of this val loss would be among the best kept (ties: older stay)."""
+        if not math.isfinite(val_loss):
+            return False
+        kept = self.kept()
+        return self.keep_best == 0 or len(kept) < self.keep_best or val_loss < kept[-1][0]
+
+    def save(
+        self, model: nn.Module, tokenizer: Tokenizer, data_info: dict, step: int, val_loss: float
+    ) -> Path | None:
+        """Save if among the best, drop those pushed out, repoint best/ and latest/."""
+        if not self.wants(val_loss):
+            return None
+        directory = self.root / f"step-{step:08d}-val-{val_loss:.4f}"
+        save_checkpoint(
+            directory, model, tokenizer, data_info, {"step": step, "val_loss": val_loss}
+        )
+        kept = self.kept()
+        if self.keep_best:
+            for _, _, old in kept[self.keep_best :]:
+                shutil.rmtree(old)
+            kept = kept[: self.keep_best]
+        self._point("best", kept[0][2])
+        self._point("latest", max(kept, key=lambda item: item[1])[2])
+        return directory
+
+    def _point(self, name: str, target: Path) -> None:
+        link = self.out_dir / name
+        tmp = self.out_dir / f".{name}.tmp"
+        tmp.unlink(missing_ok=True)
+        os.symlink(os.path.relpath(target, self.out_dir), tmp)
+        os.replace(tmp, link)

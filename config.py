@@ -1,0 +1,328 @@
+"""The one config schema of a training run, its loading from JSON and command-line overrides.
+
+A run is configured by a JSON file (`--config configs/x.json`) whose keys mirror the dataclasses
+below; any key can then be overridden as `--key=value` (nested keys dotted: `--model.n_layer=4`).
+Unknown keys and wrong types are refused with a one-line message that suggests the fix.
+"""
+
+import ast
+import difflib
+import functools
+import inspect
+import json
+import sys
+import textwrap
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+from models.config import ModelConfig
+from scheduler import EarlyStopConfig, ScheduleConfig
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line, exit code 2, no traceback."""
+
+
+def run_cli(main: Callable[[list[str]], None]) -> None:
+    """Run a script's main(argv), turning a UserError into a one-line message and exit code 2."""
+    try:
+        main(sys.argv[1:])
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+@dataclass
+class DataConfig:
+    name: str = "adder"
+    """Data set: a built-in name (shakespeare_char, adder, multiplier) or any set made by prepare_data.py."""
+    dir: str = ""
+    """Directory with the prepared files; empty means data/<name>."""
+    eval_samples: int = 256
+    """Size of the fixed val subset (windows or examples) scored at every evaluation."""
+    exact_match_samples: int = 256
+    """Arithmetic data: val examples scored by exact match at every evaluation (0 turns it off)."""
+
+    @property
+    def path(self) -> Path:
+        return Path(self.dir or f"data/{self.name}")
+
+
+@dataclass
+class OptimConfig:
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 turns clipping off (the norm is still logged)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lr: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(peak=1e-3))
+    """Learning-rate schedule."""
+    weight_decay: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(peak=0.1))
+    """Weight-decay schedule (applied to weight matrices and embeddings only)."""
+    grad_accum: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(peak=1))
+    """Gradient-accumulation steps per optimizer step (rounded): schedule it to grow the batch."""
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    batch_size: int = 12
+    """Micro-batch size per process; global batch = batch_size * grad_accum * processes."""
+    max_steps: int = 0
+    """Length of the run in optimizer steps (set this or max_tokens)."""
+    max_tokens: int = 0
+    """Length of the run in tokens trained (set this or max_steps)."""
+    macro_batch_steps: int = 100
+    """Optimizer steps per macro-batch: the unit of evaluation, logging and saving."""
+    log_interval: int = 10
+    """Optimizer steps between training-loss log events (macro-batch ends are always logged)."""
+    seed: int = 1337
+    """Seed for initialisation, data order and dropout."""
+    out_dir: str = ""
+    """Run directory; empty means out/<config file name>."""
+    mixed_precision: str = "auto"
+    """auto (bf16 where supported, else fp16 on GPU, none on CPU), bf16, fp16 or no."""
+    compile: bool = False
+    """Compile the model with torch.compile (through Accelerate)."""
+    keep_best: int = 3
+    """Checkpoints kept, the best by val loss; 0 keeps every one."""
+    init_from: str = ""
+    """Start from the weights of this checkpoint directory (fresh optimizer and schedule)."""
+
+    def problems(self) -> list[str]:
+        found = self.model.problems()
+        found += self.lr.problems("lr")
+        found += self.weight_decay.problems("weight_decay")
+        found += self.grad_accum.problems("grad_accum", minimum=1)
+        if (self.max_steps > 0) == (self.max_tokens > 0):
+            found.append("set exactly one of max_steps and max_tokens to a positive number")
+        varying = {self.grad_accum.first, self.grad_accum.peak, self.grad_accum.last}
+        if self.max_steps > 0 and len(varying) > 1:
+            found.append("a grad_accum schedule needs the run length in tokens: set max_tokens")
+        for name in ("batch_size", "macro_batch_steps", "log_interval"):
+            if getattr(self, name) < 1:
+                found.append(f"{name} must be at least 1")
+        if self.early_stop.patience < 0 or self.early_stop.min_delta < 0:
+            found.append("early_stop.patience and early_stop.min_delta must not be negative")
+        if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
+            found.append(f"mixed_precision is {self.mixed_precision!r}; use auto, bf16, fp16 or no")
+        if self.keep_best < 0:
+            found.append("keep_best must be 0 (keep all) or more")
+        if self.data.eval_samples < 1:
+            found.append("data.eval_samples must be at least 1")
+        return found
+
+
+# ----------------------------------------------------------------------------------------------
+# Building dataclasses from JSON with validation
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", str(annotation)).replace("NoneType", "null")
+
+
+def _check_value(key: str, value, annotation):
+    """Return value as the annotated type, or raise UserError naming the key and expected type."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        annotation = next(a for a in options if a is not type(None))
+        origin = typing.get_origin(annotation)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if isinstance(value, list) and all(isinstance(v, item) for v in value):
+            return value
+    elif isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
+        return value
+    raise UserError(f"config key '{key}' must be {_type_name(annotation)}, got {json.dumps(value)}")
+
+
+def build(cls, values: dict, prefix: str = ""):
+    """Instantiate dataclass cls from a dict, refusing unknown keys (with a suggestion) and wrong types."""
+    if not isinstance(values, dict):
+        raise UserError(f"config key '{prefix.rstrip('.')}' must be an object of keys")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise UserError(f"unknown config key '{prefix}{key}'{_suggestion(prefix, key, cls)}")
+        annotation = hints[key]
+        if is_dataclass(annotation):
+            kwargs[key] = build(annotation, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _check_value(prefix + key, value, annotation)
+    return cls(**kwargs)
+
+
+def _all_keys(cls, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        keys += _all_keys(hint, f"{prefix}{f.name}.") if is_dataclass(hint) else [prefix + f.name]
+    return keys
+
+
+def _suggestion(prefix: str, key: str, cls) -> str:
+    candidates = _all_keys(Config)
+    close = difflib.get_close_matches(prefix + key, candidates, n=1, cutoff=0.6)
+    if not close:
+        close = difflib.get_close_matches(key, [f.name for f in fields(cls)], n=1, cutoff=0.5)
+        close = [prefix + c for c in close]
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Command-line overrides
+
+
+def _parse_cli_value(key: str, text: str, annotation):
+    """Turn a command-line string into the annotated type ('null' for None, JSON for lists)."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) else (annotation,)
+    if text.lower() in ("null", "none") and type(None) in options:
+        return None
+    base = next(a for a in options if a is not type(None))
+    try:
+        if base is bool:
+            if text.lower() in ("true", "1", "yes"):
+                return True
+            if text.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if base in (int, float):
+            return base(float(text)) if base is int and "e" in text.lower() else base(text)
+        if typing.get_origin(base) is list:
+            return json.loads(text) if text.startswith("[") else [t for t in text.split(",") if t]
+        return text
+    except ValueError:
+        raise UserError(f"--{key}={text}: expected {_type_name(base)}") from None
+
+
+def _annotation_of(dotted_key: str):
+    cls, parts = Config, dotted_key.split(".")
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls) if is_dataclass(cls) else {}
+        if part not in hints:
+            prefix = ".".join(parts[:i]) + ("." if i else "")
+            raise UserError(f"unknown option --{dotted_key}{_suggestion(prefix, part, cls)}")
+        cls = hints[part]
+    if is_dataclass(cls):
+        raise UserError(f"--{dotted_key} is a group; set one of its keys, e.g. --{dotted_key}.KEY")
+    return cls
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """Turn ['--a.b=1', '--c', 'x'] into {'a.b': 1, 'c': 'x'}, typed by the schema."""
+    overrides, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise UserError(f"unexpected argument {arg!r}; options look like --key=value")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            key, text, i = arg[2:], args[i + 1], i + 1
+        else:
+            key = arg[2:]
+            text = "true" if _annotation_of(key) is bool else None
+            if text is None:
+                raise UserError(f"--{key} needs a value: --{key}=VALUE")
+        overrides[key] = _parse_cli_value(key, text, _annotation_of(key))
+        i += 1
+    return overrides
+
+
+def _set_dotted(values: dict, dotted_key: str, value) -> None:
+    *parents, leaf = dotted_key.split(".")
+    for part in parents:
+        values = values.setdefault(part, {})
+    values[leaf] = value
+
+
+def load_config(argv: list[str]) -> tuple[Config, str]:
+    """Read --config FILE (optional) and --key=value overrides; return the validated config and its name."""
+    args = list(argv)
+    config_path = None
+    for i, arg in enumerate(args):
+        if arg == "--config" or arg.startswith("--config="):
+            if "=" in arg:
+                config_path = arg.split("=", 1)[1]
+                del args[i]
+            elif i + 1 < len(args):
+                config_path = args[i + 1]
+                del args[i : i + 2]
+            else:
+                raise UserError("--config needs a file: --config configs/adder.json")
+            break
+    values: dict = {}
+    name = "default"
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise UserError(f"config file {config_path} not found; see configs/ for examples")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise UserError(f"config file {config_path} is not valid JSON: {error}") from None
+        name = path.stem
+    for key, value in parse_overrides(args).items():
+        _set_dotted(values, key, value)
+    config = build(Config, values)
+    if not config.out_dir:
+        config.out_dir = f"out/{name}"
+    problems = config.problems()
+    if problems:
+        raise UserError("; ".join(problems))
+    return config, name
+
+
+def config_to_dict(config) -> dict:
+    return asdict(config)
+
+
+# ----------------------------------------------------------------------------------------------
+# --help: every key with the documentation written under its field
+
+
+@functools.cache
+def field_docs(cls) -> dict[str, str]:
+    """The string literal written under each field of a dataclass, read from its source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+        ):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def help_text(cls=Config, prefix: str = "", instance=None) -> str:
+    instance = instance if instance is not None else cls()
+    lines = []
+    for f in fields(cls):
+        value = getattr(instance, f.name)
+        doc = field_docs(cls).get(f.name, "")
+        if is_dataclass(value):
+            if doc:
+                lines.append(f"  {prefix}{f.name}.*: {doc}")
+            lines.append(help_text(type(value), f"{prefix}{f.name}.", value))
+        else:
+            lines.append(f"  --{prefix}{f.name}={json.dumps(value)}  {doc}")
+    return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""Sample text from a trained model.
+
+    python generate.py --checkpoint out/shakespeare_cpu --prompt "ROMEO:" --max_new_tokens 300
+    python generate.py --checkpoint out/adder --prompt "123+456=" --max_new_tokens 4 --temperature 0
+
+--checkpoint takes a checkpoint directory or a run directory (meaning its best checkpoint).
+--temperature 0 decodes greedily, which is deterministic.
+"""
+
+import argparse
+
+import torch
+
+from checkpoints import load_checkpoint
+from config import UserError, run_cli
+from models import generate
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
+    parser.add_argument("--prompt", default="", help="text to continue (default: start fresh)")
+    parser.add_argument("--num_samples", type=int, default=1, help="samples to draw")
+    parser.add_argument("--max_new_tokens", type=int, default=200, help="tokens per sample")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    parser.add_argument("--top_k", type=int, default=0, help="keep the k likeliest tokens; 0: all")
+    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass; 1: off")
+    parser.add_argument("--seed", type=int, default=1337, help="random seed of the sampling")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps, ...")
+    parser.add_argument("--no_cache", action="store_true", help="recompute without a KV cache")
+    args = parser.parse_args(argv)
+    if args.num_samples < 1 or args.max_new_tokens < 0:
+        raise UserError("--num_samples must be at least 1 and --max_new_tokens at least 0")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise UserError("--temperature must be >= 0, --top_k >= 0 and --top_p in (0, 1]")
+    return args
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def start_tokens(tokenizer, prompt: str) -> list[int]:
+    """The prompt's tokens; an empty prompt starts from end-of-text or a newline."""
+    if prompt:
+        return tokenizer.encode(prompt)
+    if tokenizer.eos_token_id is not None:
+        return [tokenizer.eos_token_id]
+    if "\n" in tokenizer.backend.get_vocab():
+        return tokenizer.encode("\n")
+    raise UserError("this model's vocabulary has no start token; give a --prompt")
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    checkpoint = load_checkpoint(args.checkpoint)
+    device = pick_device(args.device)
+    model = checkpoint.model.to(device)
+    prompt = start_tokens(checkpoint.tokenizer, args.prompt)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    idx = torch.tensor([prompt] * args.num_samples, dtype=torch.long, device=device)
+    out = generate(
+        model,
+        idx,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        use_cache=not args.no_cache,
+        generator=generator,
+    )
+    for i, row in enumerate(out.tolist()):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(checkpoint.tokenizer.decode(row))
+
+
+if __name__ == "__main__":
+    run_cli(main)

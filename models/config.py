@@ -1,0 +1,67 @@
+"""The model's hyperparameters: one dataclass shared by every architecture."""
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "gpt"
+    """Architecture: "gpt" (GPT-2: learned positions, LayerNorm, GELU) or "llama" (RMSNorm, RoPE, SwiGLU, GQA)."""
+    n_layer: int = 6
+    """Number of transformer blocks."""
+    n_head: int = 6
+    """Number of attention (query) heads."""
+    n_kv_head: int = 0
+    """Llama: key-value heads for grouped-query attention (must divide n_head); 0 means n_head."""
+    n_embd: int = 384
+    """Width of the residual stream; must be a multiple of n_head."""
+    block_size: int = 256
+    """Context length in tokens."""
+    vocab_size: int = 0
+    """Vocabulary size; 0 takes it from the data set. Set it larger to pad (e.g. 50304 for GPT-2)."""
+    dropout: float = 0.0
+    """Dropout probability on attention weights and residual branches during training."""
+    bias: bool = True
+    """GPT: biases in Linear and LayerNorm layers (GPT-2 has them). Llama never uses biases."""
+    tie_embeddings: bool = True
+    """Share the token embedding matrix with the output layer."""
+    mlp_hidden: int = 0
+    """Hidden width of the MLP; 0 means 4*n_embd for GPT and the SwiGLU default for Llama."""
+    rope_theta: float = 10000.0
+    """Llama: base of the rotary position embedding frequencies."""
+    norm_eps: float = 1e-5
+    """Epsilon of LayerNorm / RMSNorm."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    def problems(self) -> list[str]:
+        """Everything wrong with this configuration, as messages naming the fix."""
+        found = []
+        if self.arch not in ("gpt", "llama"):
+            found.append(f"model.arch is {self.arch!r}; use 'gpt' or 'llama'")
+        for name in ("n_layer", "n_head", "n_embd", "block_size"):
+            if getattr(self, name) < 1:
+                found.append(f"model.{name} must be at least 1")
+        if self.n_head >= 1 and self.n_embd % self.n_head:
+            found.append(
+                f"model.n_embd ({self.n_embd}) must be a multiple of model.n_head ({self.n_head})"
+            )
+        if self.n_kv_head < 0 or (self.n_kv_head and self.n_head % self.n_kv_head):
+            found.append(
+                f"model.n_kv_head ({self.n_kv_head}) must divide model.n_head ({self.n_head})"
+            )
+        if self.arch == "gpt" and self.n_kv_head not in (0, self.n_head):
+            found.append("model.n_kv_head (grouped-query attention) needs model.arch='llama'")
+        if self.arch == "llama" and self.head_dim % 2:
+            found.append("model.n_embd / model.n_head must be even for rotary embeddings")
+        if not 0.0 <= self.dropout < 1.0:
+            found.append(f"model.dropout ({self.dropout}) must be in [0, 1)")
+        if self.vocab_size < 0 or self.mlp_hidden < 0:
+            found.append("model.vocab_size and model.mlp_hidden must not be negative")
+        return found
