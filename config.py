@@ -64,6 +64,30 @@ class OptimConfig:
 
 
 @dataclass
+class TrackingConfig:
+    trackers: list[str] = field(default_factory=list)
+    """Experiment trackers fed through Accelerate: "wandb", "tensorboard", both, or none ([])."""
+    project: str = "gptlab"
+    """wandb project; TensorBoard writes to out_dir/tensorboard/<project>."""
+    run_name: str = ""
+    """wandb run name; empty means the name of out_dir."""
+    tags: list[str] = field(default_factory=list)
+    """wandb tags of the run."""
+
+    def problems(self) -> list[str]:
+        found = [
+            f'tracking.trackers has {name!r}; use "wandb", "tensorboard" or both'
+            for name in self.trackers
+            if name not in ("wandb", "tensorboard")
+        ]
+        if len(set(self.trackers)) < len(self.trackers):
+            found.append("tracking.trackers names a tracker twice")
+        if not self.project:
+            found.append("tracking.project must not be empty")
+        return found
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -75,6 +99,8 @@ class Config:
     grad_accum: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(peak=1))
     """Gradient-accumulation steps per optimizer step (rounded): schedule it to grow the batch."""
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment trackers (metrics.jsonl in out_dir is written either way)."""
     batch_size: int = 12
     """Micro-batch size per process; global batch = batch_size * grad_accum * processes."""
     max_steps: int = 0
@@ -100,6 +126,7 @@ class Config:
 
     def problems(self) -> list[str]:
         found = self.model.problems()
+        found += self.tracking.problems()
         found += self.lr.problems("lr")
         found += self.weight_decay.problems("weight_decay")
         found += self.grad_accum.problems("grad_accum", minimum=1)
@@ -191,7 +218,8 @@ def _suggestion(prefix: str, key: str, cls) -> str:
 
 def _parse_cli_value(key: str, text: str, annotation):
     """Turn a command-line string into the annotated type ('null' for None, JSON for lists)."""
-    options = typing.get_args(annotation) if typing.get_origin(annotation) else (annotation,)
+    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    options = typing.get_args(annotation) if is_union else (annotation,)
     if text.lower() in ("null", "none") and type(None) in options:
         return None
     base = next(a for a in options if a is not type(None))

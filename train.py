@@ -24,9 +24,11 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 import checkpoints
+import tracking
 from arithmetic import ArithmeticTask, count_exact_matches
 from config import Config, UserError, help_text, load_config, run_cli
 from data import IGNORE_INDEX, EpochSampler, Split, fixed_subset, open_split, read_meta
+from mfu import Throughput
 from models import build_model, count_parameters, optimizer_groups
 from prepare_data import prepare_arithmetic
 from scheduler import EarlyStopping, RunSchedules, StepSettings
@@ -236,6 +238,7 @@ def main(argv: list[str]) -> None:
     accelerator = Accelerator(
         mixed_precision=mixed_precision_mode(config),
         dynamo_backend="inductor" if config.compile else "no",
+        **tracking.accelerator_options(config),
     )
     set_seed(config.seed)  # same initial weights on every process
     meta = open_data(config, accelerator)
@@ -272,6 +275,7 @@ def main(argv: list[str]) -> None:
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    tracking.start_trackers(accelerator, config)
     log = RunLog(accelerator, out_dir)
     log.say(
         f"{count_parameters(raw_model) / 1e6:.2f}M parameters | {accelerator.num_processes} "
@@ -279,9 +283,16 @@ def main(argv: list[str]) -> None:
         f"{total_tokens:,} tokens to train",
         0,
     )
+    throughput = Throughput.of_run(raw_model, sample_length, accelerator)
+    log.say(throughput.peak_source, 0)
 
     progress = Progress()
-    window = {"loss": torch.zeros((), device=accelerator.device), "targets": 0, "tokens": 0}
+    window = {
+        "loss": torch.zeros((), device=accelerator.device),
+        "targets": 0,
+        "tokens": 0,
+        "steps": 0,
+    }
     window_start = time.perf_counter()
     bar = tqdm(
         total=total_tokens,
@@ -306,6 +317,7 @@ def main(argv: list[str]) -> None:
         window["loss"] += loss_sum
         window["targets"] += targets
         window["tokens"] += settings.grad_accum * micro_tokens
+        window["steps"] += 1
         bar.update(settings.grad_accum * micro_tokens)
 
         finished = progress.tokens >= total_tokens
@@ -329,7 +341,7 @@ def main(argv: list[str]) -> None:
                 "batch_tokens": settings.grad_accum * micro_tokens,
                 "grad_norm": grad_norm.item(),
                 "epochs": progress.samples / train_split.num_samples,
-                "tokens_per_sec": window["tokens"] / elapsed,
+                **throughput.figures(window["tokens"], window["steps"], elapsed),
             }
             event_rate = event["tokens_per_sec"]
             log.write(event)
@@ -340,7 +352,7 @@ def main(argv: list[str]) -> None:
                     f"training loss became {train_loss} at step {progress.step}; lower lr.peak "
                     "or raise optim.grad_clip (checkpoints saved so far are untouched)"
                 )
-            window = {"loss": torch.zeros_like(loss_sum), "targets": 0, "tokens": 0}
+            window = {"loss": torch.zeros_like(loss_sum), "targets": 0, "tokens": 0, "steps": 0}
             window_start = time.perf_counter()
 
         if macro_batch_end:
