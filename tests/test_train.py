@@ -79,6 +79,21 @@ def test_evaluate_scores_the_whole_test_split(trained_adder, tmp_path):
     metrics = json.loads(output.read_text())
     assert metrics["total"] == 500 and 0.0 <= metrics["exact_match"] <= 1.0
     assert f"{metrics['correct']:,} of 500" in result.stdout
+    shared = run_script(
+        "evaluate.py",
+        "--task",
+        "adder",
+        "--checkpoint",
+        str(trained_adder),
+        "--split",
+        "test",
+        "--output",
+        str(tmp_path / "two.json"),
+        cwd=tmp_path,
+        processes=2,
+    )
+    assert json.loads((tmp_path / "two.json").read_text()) == metrics  # same answer, split in two
+    assert shared.stdout.count("exact match") == 1  # printed by the main process only
     loss = run_script(
         "evaluate.py",
         "--task",
