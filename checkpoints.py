@@ -101,10 +101,12 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     """A checkpoint directory itself, a run directory (meaning its best checkpoint), a Hugging
     Face model directory, or a hub name (downloaded into the Hugging Face cache)."""
     name, path = str(path), Path(path)
-    if (path / MODEL_FILE).is_file() or (path / "config.json").is_file():
+    if (path / MODEL_FILE).is_file():
         return path
     if (path / "best" / MODEL_FILE).is_file():
         return (path / "best").resolve()
+    if (path / "config.json").is_file() and not (path / "metrics.jsonl").is_file():
+        return path  # a Hugging Face directory with sharded or PyTorch weights
     if not path.exists() and looks_like_hub_name(name):
         return hf.download(name)
     if not path.exists():
