@@ -301,7 +301,7 @@ def download(name: str) -> Path:
             )
     except Exception as error:  # offline, unknown name, gated model, ...
         raise UserError(
-            f"{name!r} is neither a local directory nor a downloadable hub model "
-            f"({error.__class__.__name__}); check the name and the network, or pass a directory"
+            f"checkpoint {name} does not exist here and could not be downloaded from the Hugging "
+            f"Face hub ({error.__class__.__name__}); check the path, the name and the network"
         ) from None
     return directory

@@ -167,7 +167,7 @@ def test_a_hub_name_without_the_network_gets_a_clear_error(tmp_path):
         env={"HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 2
-    assert "neither a local directory nor a downloadable hub model" in result.stderr
+    assert "could not be downloaded from the Hugging Face hub" in result.stderr
 
 
 @pytest.mark.parametrize("arch", ["gpt", "llama"])
