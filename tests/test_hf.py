@@ -247,3 +247,23 @@ def test_fine_tune_and_evaluate_start_from_a_transformers_directory(tmp_path):
         expected = AutoModelForCausalLM.from_pretrained(source)(ids).logits
         assert (tuned.model(ids) - expected).abs().max().item() <= 1e-4
     assert result.returncode == 0
+
+
+def test_sharded_safetensors_and_pytorch_bin_weights_load_alike(tmp_path):
+    theirs = hf_gpt2()
+    ids = prompt_ids()
+    with torch.no_grad():
+        expected = theirs(ids).logits
+    sharded = tmp_path / "sharded"
+    theirs.save_pretrained(sharded, max_shard_size="2MB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    pickled = save_hf_dir(theirs, tmp_path / "bin")
+    weights = load_file(pickled / "model.safetensors")
+    (pickled / "model.safetensors").unlink()
+    torch.save(weights, pickled / "pytorch_model.bin")
+    for source in (sharded, pickled):
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(GPT2_TOKENIZER / name, source / name)
+        with torch.no_grad():
+            logits = load_checkpoint(source).model(ids)
+        assert (logits - expected).abs().max().item() <= 1e-4

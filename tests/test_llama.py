@@ -86,3 +86,40 @@ def test_config_problems_for_llama():
     assert any("must divide" in p for p in llama_config(n_kv_head=3).problems())
     assert any("even" in p for p in llama_config(n_embd=36, n_head=4).problems())
     assert llama_config().problems() == []
+
+
+def test_the_303m_config_builds_with_its_parameter_count():
+    from config import load_config
+    from conftest import REPO
+
+    config, _ = load_config(["--config", str(REPO / "configs" / "llama_303m.json")])
+    with torch.device("meta"):  # shapes only: no memory, no initialisation time
+        model = build_model(config.model)
+    assert count_parameters(model) == 303_219_712
+    assert model.blocks[0].attn.qkv.weight.shape == (1024 + 2 * 4 * 64, 1024)
+    assert model.blocks[0].mlp.gate.weight.shape == (2560, 1024)
+
+
+def test_benchmark_times_generation_with_and_without_the_cache(shakespeare_dir, tmp_path):
+    import json
+
+    from conftest import REPO, run_script
+
+    run_script(
+        "benchmark.py",
+        *("--config", str(REPO / "configs" / "shakespeare_llama_cpu.json")),
+        f"--data.dir={shakespeare_dir}",
+        *("--generate", "24", "--model.block_size=40", "--output", "gen.json"),
+        cwd=tmp_path,
+    )
+    result = json.loads((tmp_path / "gen.json").read_text())
+    assert result["new_tokens"] == 24 and result["same_tokens"] is True
+    assert result["cache_tokens_per_sec"] > 0 and result["no_cache_tokens_per_sec"] > 0
+    refused = run_script(
+        "benchmark.py",
+        *("--config", str(REPO / "configs" / "shakespeare_llama_cpu.json")),
+        *("--generate", "512"),
+        cwd=tmp_path,
+        check=False,
+    )
+    assert refused.returncode == 2 and "--model.block_size=528" in refused.stderr
