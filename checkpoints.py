@@ -93,7 +93,7 @@ def save_checkpoint(
 
 
 def looks_like_hub_name(name: str) -> bool:
-    """ "gpt2" or "owner/model": not a path the user meant to exist locally."""
+    """A hub name such as gpt2 or owner/model, rather than a local path that is missing."""
     return not name.startswith((".", "/", "~")) and name.count("/") <= 1 and not name.endswith("/")
 
 
@@ -157,11 +157,15 @@ def load_checkpoint(path: str | Path, dropout: float | None = None) -> Checkpoin
     if dropout is not None:
         model_config.dropout = dropout
     model = build_model(model_config)
-    missing, _ = model.load_state_dict(
-        hf.from_hf_state(state, model_config, str(directory)), strict=False
-    )
-    if set(missing) - ({"lm_head.weight"} if model_config.tie_embeddings else set()):
-        raise UserError(f"{directory}: no weights for {sorted(missing)}")
+    if "wte.weight" not in state:  # checkpoints written before the bridge hold our own names
+        state = hf.from_hf_state(state, model_config, str(directory))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    allowed_missing = {"lm_head.weight"} if model_config.tie_embeddings else set()
+    if set(missing) - allowed_missing or unexpected:
+        raise UserError(
+            f"{directory} does not match its config.json "
+            f"(missing {sorted(set(missing) - allowed_missing)}, unexpected {sorted(unexpected)})"
+        )
     return Checkpoint(model.eval(), Tokenizer.load(directory), data_info, info, directory)
 
 

@@ -267,3 +267,25 @@ def test_sharded_safetensors_and_pytorch_bin_weights_load_alike(tmp_path):
         with torch.no_grad():
             logits = load_checkpoint(source).model(ids)
         assert (logits - expected).abs().max().item() <= 1e-4
+
+
+def test_checkpoints_saved_with_our_own_names_before_the_bridge_still_load(tmp_path):
+    from checkpoints import write_directory_atomically
+    from models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=40, n_layer=1, n_head=2, n_embd=16)).eval()
+    tokenizer = Tokenizer.from_chars(PROMPT + "xyz")
+
+    def old_format(directory: Path) -> None:  # what save_checkpoint wrote before
+        state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+        config = {"gptlab": {**model.config.__dict__}, "step": 5, "val_loss": 1.5}
+        (directory / "config.json").write_text(json.dumps(config))
+        (directory / "data.json").write_text("{}")
+        tokenizer.save(directory)
+
+    write_directory_atomically(tmp_path / "old", old_format)
+    loaded = load_checkpoint(tmp_path / "old")
+    ids = torch.tensor([tokenizer.encode(PROMPT)])
+    assert torch.equal(loaded.model(ids), model(ids)) and loaded.info["step"] == 5
