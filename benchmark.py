@@ -1,6 +1,11 @@
 """Training throughput of a config, and the overhead of train.py over a bare PyTorch loop.
 
     python benchmark.py --config configs/shakespeare_cpu.json [--steps 30] [--rounds 5] [--key=value ...]
+    python benchmark.py --config configs/shakespeare_cpu.json --generate 512 --model.block_size=528
+
+With --generate N it measures sampling instead: greedy generation of N tokens after a 16-token
+prompt, batch 1, with the key-value cache and without it (every step reruns the whole context).
+The model's context must hold prompt + N, so both paths attend to the same tokens.
 
 Both loops train identical copies of the model on the same batches with the same optimizer. The
 train.py side runs its whole step: schedule lookup, reading the micro-batches from the memmap
@@ -15,15 +20,16 @@ import copy
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.nn import functional as F
 
-from config import load_config, run_cli
+from config import UserError, load_config, run_cli
 from data import EpochSampler, open_split
-from models import count_parameters, optimizer_groups
+from models import count_parameters, generate, optimizer_groups
 from scheduler import RunSchedules
 from train import (
     apply_settings,
@@ -34,14 +40,44 @@ from train import (
     train_step,
 )
 
+PROMPT_TOKENS = 16
+
+
+def generation_speed(model: torch.nn.Module, new_tokens: int, device: torch.device) -> dict:
+    """Tokens/s of greedy generation with and without the cache (each after a short warm-up)."""
+    model.eval()
+    prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT_TOKENS), device=device)
+    rates, outputs = {}, {}
+    for use_cache in (True, False):
+        generate(model, prompt, 8, temperature=0.0, use_cache=use_cache)  # warm up
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        outputs[use_cache] = generate(model, prompt, new_tokens, 0.0, use_cache=use_cache)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        rates[use_cache] = new_tokens / (time.perf_counter() - start)
+    return {
+        "cache_tokens_per_sec": rates[True],
+        "no_cache_tokens_per_sec": rates[False],
+        "speedup": rates[True] / rates[False],
+        "same_tokens": torch.equal(outputs[True], outputs[False]),
+    }
+
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per round")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds of each loop")
     parser.add_argument("--output", help="write the figures as JSON to this file")
+    parser.add_argument("--generate", type=int, default=0, help="time generating N tokens instead")
     args, config_args = parser.parse_known_args(argv)
     config, name = load_config(config_args)
+    if args.generate and config.model.block_size < PROMPT_TOKENS + args.generate:
+        raise UserError(
+            f"--generate {args.generate} needs a context of {PROMPT_TOKENS + args.generate} "
+            f"tokens; add --model.block_size={PROMPT_TOKENS + args.generate}"
+        )
     accelerator = Accelerator(
         mixed_precision=mixed_precision_mode(config),
         dynamo_backend="inductor" if config.compile else "no",
@@ -49,6 +85,20 @@ def main(argv: list[str]) -> None:
     set_seed(config.seed)
     meta = open_data(config, accelerator)
     model, _ = build_model_and_tokenizer(config, meta)
+    if args.generate:
+        result = {"config": name, "device": str(accelerator.device), "new_tokens": args.generate}
+        result.update(
+            generation_speed(model.to(accelerator.device), args.generate, accelerator.device)
+        )
+        print(
+            f"{name} on {result['device']}: {args.generate} new tokens, KV cache "
+            f"{result['cache_tokens_per_sec']:,.0f} tok/s, no cache "
+            f"{result['no_cache_tokens_per_sec']:,.0f} tok/s ({result['speedup']:.1f}x), "
+            f"same tokens: {result['same_tokens']}"
+        )
+        if args.output:
+            Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        return
     bare_model = copy.deepcopy(model).to(accelerator.device)
     split = open_split(config.data.path, meta, "train", config.model.block_size, config.seed)
     sampler = EpochSampler(split.num_samples, config.seed)

@@ -1,12 +1,16 @@
 """Model checkpoints: self-contained safetensors directories, written atomically, rotated by val loss.
 
-A checkpoint directory holds everything needed to use the model without the run or the corpus:
+A checkpoint directory holds everything needed to use the model without the run or the corpus,
+and is a Hugging Face model directory too (see models/hf.py):
 
-    model.safetensors   weights (tensors only: nothing is unpickled when loading)
-    config.json         model configuration
+    model.safetensors   weights under transformers' names (tensors only: nothing is unpickled)
+    config.json         transformers' config (GPT2LMHeadModel or LlamaForCausalLM), with our exact
+                        ModelConfig under "gptlab" and the step and val loss
     data.json           what the model was trained on (data format, arithmetic task, ...)
     tokenizer.json      the tokenizer or character vocabulary (+ tokenizer_config.json)
     manifest.json       sha256 of every file, written last
+
+load_checkpoint also takes any Hugging Face GPT-2 or Llama model directory or hub name.
 
 Writes go to a temporary sibling directory that is renamed into place once complete and flushed,
 so a crash leaves either the old state or the new one, never a half-written checkpoint.
@@ -21,12 +25,11 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from config import UserError
-from models import ModelConfig, build_model
+from models import ModelConfig, build_model, hf
 from tokenizer import Tokenizer
 
 MODEL_FILE = "model.safetensors"
@@ -69,23 +72,19 @@ def write_directory_atomically(target: Path, fill) -> None:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def model_state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Weights on the CPU, contiguous, with a tied output layer stored once."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    return state
-
-
 def save_checkpoint(
     directory: Path, model: nn.Module, tokenizer: Tokenizer, data_info: dict, info: dict
 ) -> None:
     """Write a checkpoint directory of an unwrapped model (see the module docstring)."""
-    state = model_state_for_saving(model)
+    state = hf.to_hf_state(model)
 
     def fill(tmp_dir: Path) -> None:
         save_file(state, tmp_dir / MODEL_FILE, metadata={"format": "pt"})
-        config = {"gptlab": asdict(model.config), **info}
+        config = {
+            **hf.to_hf_config(model.config, tokenizer.eos_token_id),
+            "gptlab": asdict(model.config),
+            **info,
+        }
         (tmp_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp_dir / "data.json").write_text(json.dumps(data_info, indent=2) + "\n")
         tokenizer.save(tmp_dir)
@@ -93,13 +92,23 @@ def save_checkpoint(
     write_directory_atomically(Path(directory), fill)
 
 
+def looks_like_hub_name(name: str) -> bool:
+    """A hub name such as gpt2 or owner/model, rather than a local path that is missing."""
+    return not name.startswith((".", "/", "~")) and name.count("/") <= 1 and not name.endswith("/")
+
+
 def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """A checkpoint directory itself, or a run directory (meaning its best checkpoint)."""
-    path = Path(path)
+    """A checkpoint directory itself, a run directory (meaning its best checkpoint), a Hugging
+    Face model directory, or a hub name (downloaded into the Hugging Face cache)."""
+    name, path = str(path), Path(path)
     if (path / MODEL_FILE).is_file():
         return path
     if (path / "best" / MODEL_FILE).is_file():
         return (path / "best").resolve()
+    if (path / "config.json").is_file() and not (path / "metrics.jsonl").is_file():
+        return path  # a Hugging Face directory with sharded or PyTorch weights
+    if not path.exists() and looks_like_hub_name(name):
+        return hf.download(name)
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist; pass a run directory such as out/adder")
     raise UserError(
@@ -127,25 +136,36 @@ class Checkpoint:
 
 
 def load_checkpoint(path: str | Path, dropout: float | None = None) -> Checkpoint:
-    """Load a checkpoint directory (or a run's best) onto the CPU, in eval mode."""
+    """Load a checkpoint onto the CPU, in eval mode: one of ours (a checkpoint or run directory,
+    verified against its manifest) or a Hugging Face GPT-2 / Llama model directory or hub name."""
     directory = resolve_checkpoint_dir(path)
-    verify_manifest(directory)
-    info = json.loads((directory / "config.json").read_text())
-    if "gptlab" not in info:
-        raise UserError(f"{directory}/config.json was not written by this project's train.py")
-    model_config = ModelConfig(**info.pop("gptlab"))
+    if not (directory / "config.json").is_file():
+        raise UserError(f"{directory} has no config.json: it is not a model directory")
+    hf_config = json.loads((directory / "config.json").read_text())
+    ours = "gptlab" in hf_config
+    if ours:  # written by save_checkpoint: our exact config, checksums to verify
+        verify_manifest(directory)
+        model_config = ModelConfig(**hf_config["gptlab"])
+        state = load_file(directory / MODEL_FILE, device="cpu")
+        info = {k: v for k, v in hf_config.items() if k in ("step", "val_loss")}
+        data_info = json.loads((directory / "data.json").read_text())
+    else:
+        model_config = hf.from_hf_config(hf_config, str(directory))
+        state = hf.read_hf_weights(directory)
+        info = {"source": str(path)}
+        data_info = {}
     if dropout is not None:
         model_config.dropout = dropout
     model = build_model(model_config)
-    state = load_file(directory / MODEL_FILE, device="cpu")
+    if "wte.weight" not in state:  # checkpoints written before the bridge hold our own names
+        state = hf.from_hf_state(state, model_config, str(directory))
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed_missing = {"lm_head.weight"} if model_config.tie_embeddings else set()
     if set(missing) - allowed_missing or unexpected:
         raise UserError(
-            f"{directory / MODEL_FILE} does not match its config.json "
+            f"{directory} does not match its config.json "
             f"(missing {sorted(set(missing) - allowed_missing)}, unexpected {sorted(unexpected)})"
         )
-    data_info = json.loads((directory / "data.json").read_text())
     return Checkpoint(model.eval(), Tokenizer.load(directory), data_info, info, directory)
 
 

@@ -122,7 +122,7 @@ class Config:
     keep_best: int = 3
     """Checkpoints kept, the best by val loss; 0 keeps every one."""
     init_from: str = ""
-    """Start from the weights of this checkpoint directory (fresh optimizer and schedule)."""
+    """Start from these weights (fresh optimizer and schedule): our checkpoint or run directory, or a Hugging Face GPT-2/Llama directory or hub name."""
 
     def problems(self) -> list[str]:
         found = self.model.problems()

@@ -30,7 +30,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint or run directory, or a Hugging Face GPT-2/Llama directory or hub name",
+    )
     parser.add_argument("--task", required=True, help=f"one of: {', '.join(TASKS)}")
     parser.add_argument("--split", default="test", help="data split to score (default: test)")
     parser.add_argument("--data_dir", help="prepared data set (default: the checkpoint's)")
@@ -47,7 +51,11 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     accelerator = Accelerator()
     checkpoint = load_checkpoint(args.checkpoint)
-    data_dir = Path(args.data_dir or checkpoint.data_info.get("dir", ""))
+    if not (args.data_dir or checkpoint.data_info.get("dir")):
+        raise UserError(
+            f"{args.checkpoint} does not say what data it was trained on; pass --data_dir"
+        )
+    data_dir = Path(args.data_dir or checkpoint.data_info["dir"])
     meta = read_meta(data_dir)
     model = checkpoint.model.to(accelerator.device)
     split = open_split(data_dir, meta, args.split, model.config.block_size, seed=0)

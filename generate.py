@@ -3,7 +3,8 @@
     python generate.py --checkpoint out/shakespeare_cpu --prompt "ROMEO:" --max_new_tokens 300
     python generate.py --checkpoint out/adder --prompt "123+456=" --max_new_tokens 4 --temperature 0
 
---checkpoint takes a checkpoint directory or a run directory (meaning its best checkpoint).
+--checkpoint takes a checkpoint directory or a run directory (meaning its best checkpoint), or a
+Hugging Face GPT-2 or Llama model directory or hub name (`gpt2`, `gpt2-medium`, ...).
 --temperature 0 decodes greedily, which is deterministic.
 """
 
@@ -20,7 +21,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint or run directory, or a Hugging Face GPT-2/Llama directory or hub name",
+    )
     parser.add_argument("--prompt", default="", help="text to continue (default: start fresh)")
     parser.add_argument("--num_samples", type=int, default=1, help="samples to draw")
     parser.add_argument("--max_new_tokens", type=int, default=200, help="tokens per sample")

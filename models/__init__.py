@@ -5,8 +5,9 @@ from torch import nn
 from models.config import ModelConfig
 from models.generation import KVCache, generate, sample_next_token
 from models.gpt import GPT
+from models.llama import Llama
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"gpt": GPT}
+ARCHITECTURES: dict[str, type[nn.Module]] = {"gpt": GPT, "llama": Llama}
 
 __all__ = [
     "ModelConfig",

@@ -89,12 +89,14 @@ def generate(
     so both paths see exactly the same context and give the same tokens under greedy decoding.
     """
     block_size = model.config.block_size
+    # The cache needs room for the whole sequence or the window, whichever is shorter.
+    capacity = min(block_size, idx.size(1) + max_new_tokens)
     cache = None
     for _ in range(max_new_tokens):
         if not use_cache:
             logits = model(idx[:, -block_size:])
-        elif cache is None or cache.length + 1 > block_size:
-            cache = KVCache(model.config.n_layer, block_size)
+        elif cache is None or cache.length + 1 > capacity:
+            cache = KVCache(model.config.n_layer, capacity)
             logits = model(idx[:, -block_size:], cache=cache)
         else:
             logits = model(idx[:, -1:], cache=cache)

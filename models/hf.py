@@ -1,0 +1,307 @@
+"""The bridge to Hugging Face transformers: config fields and weight names, both ways.
+
+    GPT   <->  GPT2LMHeadModel   (model_type "gpt2")
+    Llama <->  LlamaForCausalLM  (model_type "llama")
+
+Checkpoints are saved under transformers' names with a transformers config.json, so
+`AutoModelForCausalLM.from_pretrained(checkpoint_dir)` loads them; any GPT-2 or Llama model
+directory loads into our models the other way. Anything the mapping cannot represent exactly is
+refused with a UserError rather than loaded in part.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from config import UserError
+from models.config import ModelConfig
+from models.llama import swiglu_hidden
+
+# Our parameter names -> transformers' names; "{i}" is the layer number.
+GPT2_NAMES = {
+    "wte.weight": "transformer.wte.weight",
+    "wpe.weight": "transformer.wpe.weight",
+    "blocks.{i}.ln_1.weight": "transformer.h.{i}.ln_1.weight",
+    "blocks.{i}.ln_1.bias": "transformer.h.{i}.ln_1.bias",
+    "blocks.{i}.attn.qkv.weight": "transformer.h.{i}.attn.c_attn.weight",
+    "blocks.{i}.attn.qkv.bias": "transformer.h.{i}.attn.c_attn.bias",
+    "blocks.{i}.attn.proj.weight": "transformer.h.{i}.attn.c_proj.weight",
+    "blocks.{i}.attn.proj.bias": "transformer.h.{i}.attn.c_proj.bias",
+    "blocks.{i}.ln_2.weight": "transformer.h.{i}.ln_2.weight",
+    "blocks.{i}.ln_2.bias": "transformer.h.{i}.ln_2.bias",
+    "blocks.{i}.mlp.fc.weight": "transformer.h.{i}.mlp.c_fc.weight",
+    "blocks.{i}.mlp.fc.bias": "transformer.h.{i}.mlp.c_fc.bias",
+    "blocks.{i}.mlp.proj.weight": "transformer.h.{i}.mlp.c_proj.weight",
+    "blocks.{i}.mlp.proj.bias": "transformer.h.{i}.mlp.c_proj.bias",
+    "ln_f.weight": "transformer.ln_f.weight",
+    "ln_f.bias": "transformer.ln_f.bias",
+    "lm_head.weight": "lm_head.weight",
+}
+# GPT-2's Conv1D layers store their weight as (in, out), the transpose of nn.Linear's.
+GPT2_TRANSPOSED = (
+    "attn.c_attn.weight",
+    "attn.c_proj.weight",
+    "mlp.c_fc.weight",
+    "mlp.c_proj.weight",
+)
+
+LLAMA_NAMES = {
+    "wte.weight": "model.embed_tokens.weight",
+    "blocks.{i}.norm_1.weight": "model.layers.{i}.input_layernorm.weight",
+    # Our fused qkv is transformers' q_proj, k_proj and v_proj stacked along the output dimension.
+    "blocks.{i}.attn.qkv.weight": (
+        "model.layers.{i}.self_attn.q_proj.weight",
+        "model.layers.{i}.self_attn.k_proj.weight",
+        "model.layers.{i}.self_attn.v_proj.weight",
+    ),
+    "blocks.{i}.attn.proj.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blocks.{i}.norm_2.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blocks.{i}.mlp.gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blocks.{i}.mlp.up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blocks.{i}.mlp.proj.weight": "model.layers.{i}.mlp.down_proj.weight",
+    "norm_f.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+
+# Buffers some transformers versions save that hold nothing learned (causal masks, RoPE tables).
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+
+SUPPORTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+
+
+def name_pairs(config: ModelConfig) -> list[tuple[str, str | tuple[str, ...]]]:
+    """(our name, transformers' name or names) for every parameter of a model of this config."""
+    table = GPT2_NAMES if config.arch == "gpt" else LLAMA_NAMES
+    pairs = []
+    for ours, theirs in table.items():
+        layers = range(config.n_layer) if "{i}" in ours else [None]
+        for i in layers:
+            theirs_i = (
+                theirs.format(i=i)
+                if isinstance(theirs, str)
+                else tuple(t.format(i=i) for t in theirs)
+            )
+            pairs.append((ours.format(i=i), theirs_i))
+    return pairs
+
+
+def _qkv_sizes(config: ModelConfig) -> list[int]:
+    kv = config.kv_heads * config.head_dim
+    return [config.n_embd, kv, kv]
+
+
+def _transposed(name: str) -> bool:
+    return name.endswith(GPT2_TRANSPOSED)
+
+
+def to_hf_state(model: nn.Module) -> dict[str, Tensor]:
+    """The model's weights under transformers' names, on the CPU, contiguous, tied ones once.
+
+    GPT-2 always has biases: a GPT built with bias=False gets zero biases, which change nothing.
+    """
+    config: ModelConfig = model.config
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    hf = {}
+    for ours, theirs in name_pairs(config):
+        if ours == "lm_head.weight" and config.tie_embeddings:
+            continue  # transformers ties it to the token embedding on loading
+        if isinstance(theirs, tuple):
+            for name, part in zip(theirs, state[ours].split(_qkv_sizes(config))):
+                hf[name] = part.contiguous()
+        elif ours in state:
+            hf[theirs] = (state[ours].t() if _transposed(theirs) else state[ours]).contiguous()
+        else:  # a bias of a bias-free GPT
+            weight = state[ours.removesuffix("bias") + "weight"]  # (out, in) or (width,)
+            hf[theirs] = torch.zeros(weight.size(0), dtype=weight.dtype)
+    return hf
+
+
+def from_hf_state(hf: dict[str, Tensor], config: ModelConfig, source: str) -> dict[str, Tensor]:
+    """Our state dict from transformers-named weights; every weight must be used, none missing."""
+    state, used, missing = {}, set(), []
+    for ours, theirs in name_pairs(config):
+        names = theirs if isinstance(theirs, tuple) else (theirs,)
+        if ours == "lm_head.weight" and config.tie_embeddings:
+            # Some saves also store the tied output layer: it must then equal the embedding.
+            embedding = (
+                "transformer.wte.weight" if config.arch == "gpt" else "model.embed_tokens.weight"
+            )
+            if theirs in hf and embedding in hf and not torch.equal(hf[theirs], hf[embedding]):
+                raise UserError(f"{source}: lm_head.weight differs from the tied token embedding")
+            used.add(theirs)
+            continue
+        if any(name not in hf for name in names):
+            missing.extend(name for name in names if name not in hf)
+            continue
+        used.update(names)
+        if config.arch == "gpt" and not config.bias and ours.endswith(".bias"):
+            if hf[theirs].any():
+                raise UserError(f"{source}: {theirs} is not zero but the config says bias=false")
+            continue
+        if isinstance(theirs, tuple):
+            state[ours] = torch.cat([hf[name] for name in theirs])
+        else:
+            state[ours] = hf[theirs].t() if _transposed(theirs) else hf[theirs]
+    unexpected = sorted(k for k in hf if k not in used and not k.endswith(IGNORED_SUFFIXES))
+    if missing or unexpected:
+        raise UserError(
+            f"{source} does not match its config.json (missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}); only plain GPT-2 and Llama causal language models are supported"
+        )
+    return state
+
+
+def to_hf_config(config: ModelConfig, eos_token_id: int | None) -> dict:
+    """transformers' config.json fields of a model of this config."""
+    common = {
+        "architectures": [SUPPORTED["gpt2" if config.arch == "gpt" else "llama"]],
+        "vocab_size": config.vocab_size,
+        "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": eos_token_id,
+        "eos_token_id": eos_token_id,
+        "dtype": "float32",
+    }
+    if config.arch == "gpt":
+        return {
+            "model_type": "gpt2",
+            **common,
+            "n_positions": config.block_size,
+            "n_embd": config.n_embd,
+            "n_layer": config.n_layer,
+            "n_head": config.n_head,
+            "n_inner": config.mlp_hidden or None,
+            "activation_function": "gelu_new",  # the tanh approximation our GPT uses
+            "resid_pdrop": config.dropout,
+            "embd_pdrop": config.dropout,
+            "attn_pdrop": config.dropout,
+            "layer_norm_epsilon": config.norm_eps,
+        }
+    return {
+        "model_type": "llama",
+        **common,
+        "hidden_size": config.n_embd,
+        "intermediate_size": swiglu_hidden(config),
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.block_size,
+        "rms_norm_eps": config.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": config.dropout,
+    }
+
+
+def _refuse(source: str, what: str) -> None:
+    raise UserError(f"{source}: {what} is not supported; only plain GPT-2 and Llama models load")
+
+
+def from_hf_config(hf: dict, source: str) -> ModelConfig:
+    """Our ModelConfig for a transformers config.json; options we cannot reproduce are refused."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED:
+        raise UserError(
+            f"{source} holds a {model_type!r} model; supported are {', '.join(SUPPORTED)} "
+            "(GPT2LMHeadModel, LlamaForCausalLM)"
+        )
+    if model_type == "gpt2":
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            _refuse(source, f"activation_function {hf['activation_function']!r}")
+        for key, wanted in (
+            ("scale_attn_weights", True),
+            ("scale_attn_by_inverse_layer_idx", False),
+            ("add_cross_attention", False),
+        ):
+            if hf.get(key, wanted) != wanted:
+                _refuse(source, f"{key}={hf[key]}")
+        config = ModelConfig(
+            arch="gpt",
+            n_layer=hf["n_layer"],
+            n_head=hf["n_head"],
+            n_embd=hf["n_embd"],
+            block_size=hf["n_positions"],
+            vocab_size=hf["vocab_size"],
+            dropout=hf.get("resid_pdrop", 0.0),
+            bias=True,
+            tie_embeddings=hf.get("tie_word_embeddings", True),
+            mlp_hidden=hf.get("n_inner") or 0,
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        )
+    else:
+        rope = hf.get("rope_parameters") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default" or hf.get("rope_scaling"):
+            _refuse(source, f"RoPE scaling {hf.get('rope_scaling') or rope_type!r}")
+        for key, wanted in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
+            if hf.get(key, wanted) != wanted:
+                _refuse(source, f"{key}={hf[key]!r}")
+        n_head = hf["num_attention_heads"]
+        if hf.get("head_dim") not in (None, hf["hidden_size"] // n_head):
+            _refuse(source, f"head_dim {hf['head_dim']} other than hidden_size / heads")
+        config = ModelConfig(
+            arch="llama",
+            n_layer=hf["num_hidden_layers"],
+            n_head=n_head,
+            n_kv_head=hf.get("num_key_value_heads") or n_head,
+            n_embd=hf["hidden_size"],
+            block_size=hf["max_position_embeddings"],
+            vocab_size=hf["vocab_size"],
+            dropout=hf.get("attention_dropout", 0.0),
+            bias=False,
+            tie_embeddings=hf.get("tie_word_embeddings", False),
+            mlp_hidden=hf["intermediate_size"],
+            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+        )
+    if config.problems():
+        raise UserError(f"{source}: {config.problems()[0]}")
+    return config
+
+
+def read_hf_weights(directory: Path) -> dict[str, Tensor]:
+    """All weights of a transformers model directory: safetensors (maybe sharded) or, failing
+    that, PyTorch .bin files read with weights_only=True (no code is unpickled)."""
+    from safetensors.torch import load_file
+
+    for single, index, load in (
+        ("model.safetensors", "model.safetensors.index.json", lambda p: load_file(p, device="cpu")),
+        (
+            "pytorch_model.bin",
+            "pytorch_model.bin.index.json",
+            lambda p: torch.load(p, map_location="cpu", weights_only=True),
+        ),
+    ):
+        if (directory / single).is_file():
+            return load(directory / single)
+        if (directory / index).is_file():
+            shards = sorted(set(json.loads((directory / index).read_text())["weight_map"].values()))
+            state = {}
+            for shard in shards:
+                state.update(load(directory / shard))
+            return state
+    raise UserError(f"{directory} has no model.safetensors or pytorch_model.bin weights")
+
+
+def download(name: str) -> Path:
+    """A hub model's directory (config, tokenizer, weights) in the local Hugging Face cache."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        directory = Path(
+            snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+        )
+        if not any(directory.glob("*.safetensors")):
+            directory = Path(
+                snapshot_download(name, allow_patterns=["*.json", "*.txt", "pytorch_model*.bin"])
+            )
+    except Exception as error:  # offline, unknown name, gated model, ...
+        raise UserError(
+            f"checkpoint {name} does not exist here and could not be downloaded from the Hugging "
+            f"Face hub ({error.__class__.__name__}); check the path, the name and the network"
+        ) from None
+    return directory
