@@ -56,17 +56,22 @@ def write_directory_atomically(target: Path, fill) -> None:
     try:
         tmp_dir.chmod(0o755)
         fill(tmp_dir)
-        files = sorted(p for p in tmp_dir.iterdir() if p.is_file())
-        manifest = {"files": {p.name: sha256_of(p) for p in files}}
-        (tmp_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        for path in [*files, tmp_dir / MANIFEST_FILE, tmp_dir]:
-            _fsync(path)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp_dir, target)
-        _fsync(target.parent)
+        finalize_directory(tmp_dir, target)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def finalize_directory(tmp_dir: Path, target: Path) -> None:
+    """Add a manifest to a complete tmp_dir, flush everything to disk, and rename it to target."""
+    files = sorted(p for p in tmp_dir.iterdir() if p.is_file())
+    manifest = {"files": {p.name: sha256_of(p) for p in files}}
+    (tmp_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    for path in [*files, tmp_dir / MANIFEST_FILE, tmp_dir]:
+        _fsync(path)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp_dir, target)
+    _fsync(target.parent)
 
 
 def model_state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
