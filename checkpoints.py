@@ -190,9 +190,14 @@ class CheckpointRotator:
         if not self.wants(val_loss):
             return None
         directory = self.root / f"step-{step:08d}-val-{val_loss:.4f}"
-        save_checkpoint(
-            directory, model, tokenizer, data_info, {"step": step, "val_loss": val_loss}
-        )
+        try:
+            info = {"step": step, "val_loss": val_loss}
+            save_checkpoint(directory, model, tokenizer, data_info, info)
+        except OSError as error:  # a full disk, say: the temporary directory is gone already
+            raise UserError(
+                f"could not write checkpoint {directory}: {error.strerror or error}; free some "
+                "space and rerun the same command to resume (the kept checkpoints are intact)"
+            ) from None
         kept = self.kept()
         if self.keep_best:
             for _, _, old in kept[self.keep_best :]:

@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -68,13 +69,28 @@ def verify_snapshot(directory: Path) -> dict:
     for path in sorted(directory.iterdir()):
         if path.suffix in PICKLED:
             try:  # Accelerate's loader: weights_only=True, numpy arrays allowed for RNG states
-                load_weights_only(path, map_location="cpu")
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # about pickle protocols
+                    load_weights_only(path, map_location="cpu")
             except Exception as error:
-                reason = str(error).strip().splitlines()[0]
+                # torch's own message goes on to suggest weights_only=False: keep only the cause.
+                lines = str(error).strip().splitlines() or ["unreadable"]
+                cause = next((line for line in lines if "Unsupported" in line), lines[0])
+                cause = cause.strip().removeprefix("WeightsUnpickler error: ").split(". ")[0]
                 raise UserError(
-                    f"refusing to unpickle {path}: it is not plain tensors and data ({reason})"
+                    f"refusing to unpickle {path}: it holds more than tensors and plain data "
+                    f"({cause})"
                 ) from None
     return json.loads((directory / STATE_FILE).read_text())
+
+
+def _problem_of(directory: Path) -> str | None:
+    """Why a snapshot cannot be resumed from, or None if it can."""
+    try:
+        verify_snapshot(directory)
+    except (UserError, OSError, ValueError) as error:
+        return str(error)
+    return None
 
 
 def _choose(out_dir: Path, resume: str) -> tuple[Path | None, list[str]]:
@@ -86,25 +102,23 @@ def _choose(out_dir: Path, resume: str) -> tuple[Path | None, list[str]]:
                 "move the old run away, or resume it with --resume=auto"
             )
         return None, []
-    if resume != "auto":
-        path = Path(resume)
-        if not path.is_dir():
+    if resume != "auto":  # the path of one snapshot
+        snapshot = Path(resume)
+        if not snapshot.is_dir():
             raise UserError(f"snapshot {resume} does not exist; pass out/<run>/snapshots/step-N")
-        candidates = snapshot_dirs(path) if (path / SNAPSHOTS).is_dir() else [path]
-        if path.resolve().parent.parent != out_dir.resolve() and holds_run(out_dir):
+        problem = _problem_of(snapshot)
+        if problem:
+            raise UserError(f"cannot resume from {snapshot}: {problem}")
+        if snapshot.resolve().parent.parent != out_dir.resolve() and holds_run(out_dir):
             raise UserError(f"{out_dir} already holds another run; choose another --out_dir")
-        if len(candidates) == 1:
-            verify_snapshot(candidates[0])
-            return candidates[0], []
-    else:
-        candidates = snapshot_dirs(out_dir)
+        return snapshot, []
+    candidates = snapshot_dirs(out_dir)
     warnings = []
     for directory in candidates:
-        try:
-            verify_snapshot(directory)
+        problem = _problem_of(directory)
+        if not problem:
             return directory, warnings
-        except (UserError, OSError, ValueError) as error:
-            warnings.append(f"warning: skipping snapshot {directory}: {error}")
+        warnings.append(f"warning: skipping snapshot {directory}: {problem}")
     if holds_run(out_dir) or candidates:
         raise UserError(
             f"{out_dir} holds a run but no valid snapshot to resume from; move it away or "

@@ -2,7 +2,6 @@
 
 import json
 import os
-import pickle
 import random
 import signal
 import socket
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from checkpoints import MANIFEST_FILE, sha256_of
@@ -223,7 +223,7 @@ class CreatesAFile:
         self.path = path
 
     def __reduce__(self):
-        return (Path.touch, (self.path,))
+        return (open, (str(self.path), "w"))
 
 
 def test_a_planted_malicious_pickle_is_refused(finished_run, tmp_path):
@@ -232,7 +232,7 @@ def test_a_planted_malicious_pickle_is_refused(finished_run, tmp_path):
     subprocess.run(["cp", "-a", str(run_dir), str(copy)], check=True)
     marker = tmp_path / "pwned"
     newest = copy / "snapshots" / "step-00000010"
-    (newest / "random_states_0.pkl").write_bytes(pickle.dumps({"state": CreatesAFile(marker)}))
+    torch.save({"random_state": CreatesAFile(marker)}, newest / "random_states_0.pkl")
     manifest = json.loads((newest / MANIFEST_FILE).read_text())  # even with a matching manifest
     manifest["files"]["random_states_0.pkl"] = sha256_of(newest / "random_states_0.pkl")
     (newest / MANIFEST_FILE).write_text(json.dumps(manifest))
@@ -242,6 +242,7 @@ def test_a_planted_malicious_pickle_is_refused(finished_run, tmp_path):
     )
     assert named.returncode == 2 and not marker.exists()
     assert f"refusing to unpickle {newest / 'random_states_0.pkl'}" in named.stderr
+    assert "Unsupported global: GLOBAL builtins.open" in named.stderr
     auto = run_script("train.py", *args, cwd=tmp_path, env=ONE_THREAD)
     assert "refusing to unpickle" in auto.stderr and "step-00000005 at step 5" in auto.stdout
     assert not marker.exists()
