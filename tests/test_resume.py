@@ -242,7 +242,7 @@ def test_a_planted_malicious_pickle_is_refused(finished_run, tmp_path):
     )
     assert named.returncode == 2 and not marker.exists()
     assert f"refusing to unpickle {newest / 'random_states_0.pkl'}" in named.stderr
-    assert "Unsupported global: GLOBAL builtins.open" in named.stderr
+    assert "Unsupported global: GLOBAL io.open" in named.stderr
     auto = run_script("train.py", *args, cwd=tmp_path, env=ONE_THREAD)
     assert "refusing to unpickle" in auto.stderr and "step-00000005 at step 5" in auto.stdout
     assert not marker.exists()
