@@ -231,6 +231,10 @@ def test_a_planted_malicious_pickle_is_refused(finished_run, tmp_path):
     copy = tmp_path / "run"
     subprocess.run(["cp", "-a", str(run_dir), str(copy)], check=True)
     marker = tmp_path / "pwned"
+    proof = tmp_path / "proof.pkl"  # the planted file does what it says when unpickled unsafely
+    torch.save({"random_state": CreatesAFile(tmp_path / "unsafe")}, proof)
+    torch.load(proof, weights_only=False)
+    assert (tmp_path / "unsafe").exists()
     newest = copy / "snapshots" / "step-00000010"
     torch.save({"random_state": CreatesAFile(marker)}, newest / "random_states_0.pkl")
     manifest = json.loads((newest / MANIFEST_FILE).read_text())  # even with a matching manifest
@@ -289,3 +293,16 @@ def test_a_full_disk_during_a_save_ends_the_run_clearly_and_keeps_the_last_snaps
     again = run_script("train.py", *args, cwd=tmp_path, env=ONE_THREAD)
     assert "step-00000005 at step 5" in again.stdout
     assert logged_numbers(run_dir) == logged_numbers(finished_run[0])
+
+
+def test_fine_tuning_starts_from_the_checkpoint_with_a_fresh_run(finished_run, tmp_path):
+    run_dir, args = finished_run
+    tuned = tmp_path / "tuned"
+    args = [a for a in args if not a.startswith("--out_dir")] + [f"--out_dir={tuned}"]
+    run_script(
+        "train.py", *args, f"--init_from={run_dir}", "--max_steps=5", cwd=tmp_path, env=ONE_THREAD
+    )
+    start = load_file(tuned / "snapshots" / "step-00000000" / "model.safetensors")
+    assert_same_weights(start, load_file(run_dir / "best" / "model.safetensors"))
+    assert [e["step"] for e in read_metrics(tuned) if "train_loss" in e] == [1, 2, 3, 4, 5]
+    assert (run_dir / "best").resolve() != (tuned / "best").resolve()
