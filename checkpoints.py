@@ -186,25 +186,33 @@ class CheckpointRotator:
     def save(
         self, model: nn.Module, tokenizer: Tokenizer, data_info: dict, step: int, val_loss: float
     ) -> Path | None:
-        """Save if among the best, drop those pushed out, repoint best/ and latest/."""
-        if not self.wants(val_loss):
-            return None
-        directory = self.root / f"step-{step:08d}-val-{val_loss:.4f}"
-        try:
-            info = {"step": step, "val_loss": val_loss}
-            save_checkpoint(directory, model, tokenizer, data_info, info)
-        except OSError as error:  # a full disk, say: the temporary directory is gone already
-            raise UserError(
-                f"could not write checkpoint {directory}: {error.strerror or error}; free some "
-                "space and rerun the same command to resume (the kept checkpoints are intact)"
-            ) from None
+        """Save if among the best, drop those pushed out, repoint best/ and latest/.
+
+        The dropping and repointing run after every evaluation, saved or not, so they also finish
+        a rotation that a crash interrupted (a resumed run then ends with the same checkpoints).
+        """
+        directory = None
+        if self.wants(val_loss):
+            directory = self.root / f"step-{step:08d}-val-{val_loss:.4f}"
+            try:
+                info = {"step": step, "val_loss": val_loss}
+                save_checkpoint(directory, model, tokenizer, data_info, info)
+            except OSError as error:  # a full disk, say: the temporary directory is gone already
+                raise UserError(
+                    f"could not write checkpoint {directory}: {error.strerror or error}; free "
+                    "some space and rerun the same command to resume (kept checkpoints are intact)"
+                ) from None
         kept = self.kept()
         if self.keep_best:
             for _, _, old in kept[self.keep_best :]:
-                shutil.rmtree(old)
+                # Renamed first: a crash while deleting must not leave a checkpoint that looks whole.
+                doomed = old.with_name(f".tmp-drop-{old.name}")
+                os.replace(old, doomed)
+                shutil.rmtree(doomed)
             kept = kept[: self.keep_best]
-        self._point("best", kept[0][2])
-        self._point("latest", max(kept, key=lambda item: item[1])[2])
+        if kept:
+            self._point("best", kept[0][2])
+            self._point("latest", max(kept, key=lambda item: item[1])[2])
         return directory
 
     def _point(self, name: str, target: Path) -> None:

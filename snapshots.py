@@ -230,6 +230,9 @@ class Snapshots:
             if self.accelerator.is_main_process:
                 metrics = self.out_dir / "metrics.jsonl"
                 trackers = self.out_dir / "trackers.json"
+                if metrics.exists():  # on disk before the snapshot that records its length
+                    with open(metrics, "rb+") as file:
+                        os.fsync(file.fileno())
                 full_state = {
                     **state,
                     "elapsed_s": self.elapsed(),
