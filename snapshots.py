@@ -56,8 +56,11 @@ def snapshot_dirs(out_dir: Path) -> list[Path]:
 
 
 def holds_run(out_dir: Path) -> bool:
+    """Whether out_dir holds something of a run worth keeping (a crash during the very first
+    snapshot, before anything else was written, leaves only temporary files: not a run)."""
     out_dir = Path(out_dir)
-    return any((out_dir / name).exists() for name in ("metrics.jsonl", "checkpoints", SNAPSHOTS))
+    logged = any((out_dir / name).exists() for name in ("metrics.jsonl", "checkpoints"))
+    return logged or bool(snapshot_dirs(out_dir))
 
 
 def verify_snapshot(directory: Path) -> dict:

@@ -1,5 +1,6 @@
 """Snapshots and resume, end to end: killed runs continue bit-identically; bad resumes are refused."""
 
+import contextlib
 import json
 import os
 import random
@@ -74,7 +75,7 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
 
 
 def launch(args: list[str], cwd: Path, processes: int, log) -> subprocess.Popen:
-    """Start train.py as run_script does, in its own process group so it can be killed whole."""
+    """Start train.py as run_script does."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", **ONE_THREAD}
     launcher = [sys.executable]
     if processes > 1:
@@ -85,9 +86,7 @@ def launch(args: list[str], cwd: Path, processes: int, log) -> subprocess.Popen:
         launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
         launcher += [f"--master_port={port}"]
     command = [*launcher, str(REPO / "train.py"), *args]
-    return subprocess.Popen(
-        command, cwd=cwd, env=env, stdout=log, stderr=log, start_new_session=True
-    )
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=log)
 
 
 def newest_step(run_dir: Path) -> int:
@@ -96,15 +95,36 @@ def newest_step(run_dir: Path) -> int:
 
 
 def kill_when(process: subprocess.Popen, ready, timeout: float = 120) -> bool:
-    """SIGKILL the whole process group once ready() holds; False if the run ended first."""
+    """SIGKILL the run and its workers once ready() holds; False if the run ended first."""
     deadline = time.monotonic() + timeout
     while not ready():
         if process.poll() is not None or time.monotonic() > deadline:
             return False
         time.sleep(0.002)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_tree(process)
     return True
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (torchrun's workers run in sessions of their own)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return [pid]
+    return [pid] + [p for child in children for p in process_tree(int(child))]
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a launcher and all its workers at once, like a machine that dies, and wait."""
+    pids = process_tree(process.pid)
+    for pid in reversed(pids):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait()
+    for pid in pids[1:]:  # workers are reaped by someone else: wait until none runs any more
+        status = Path(f"/proc/{pid}/status")
+        while status.exists() and "\tZ" not in status.read_text():
+            time.sleep(0.01)
 
 
 def moment_reached(moment: str, run_dir: Path, chance: random.Random):
@@ -115,12 +135,18 @@ def moment_reached(moment: str, run_dir: Path, chance: random.Random):
     if moment == "after a snapshot":
         last, delay = newest_step(run_dir), chance.uniform(0.0, 0.5)
         return lambda: newest_step(run_dir) > last and not time.sleep(delay)
-    # During a save: the temporary directory of a new snapshot exists (left-overs of a save
-    # killed earlier do not count; the next run removes them).
-    last = newest_step(run_dir)
-    return lambda: any(
-        int(p.name.split("-")[-1]) > last for p in (run_dir / "snapshots").glob(".tmp-step-*")
-    )
+    # During a save: the temporary directory of a new snapshot is being filled (those left by
+    # a save killed earlier do not count: the next run removes them before saving).
+    last, launched = newest_step(run_dir), time.time()
+
+    def saving() -> bool:
+        for tmp in (run_dir / "snapshots").glob(".tmp-step-*"):
+            with contextlib.suppress(OSError):
+                if int(tmp.name.split("-")[-1]) > last and tmp.stat().st_mtime > launched:
+                    return True
+        return False
+
+    return saving
 
 
 @pytest.mark.parametrize("processes", [1, 2])
