@@ -15,6 +15,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -285,7 +286,7 @@ def main(argv: list[str]) -> None:
         f"{count_parameters(raw_model) / 1e6:.2f}M parameters | {accelerator.num_processes} "
         f"process(es) on {accelerator.device} | precision {accelerator.mixed_precision} | "
         f"{total_tokens:,} tokens to train",
-        0,
+        progress.step,
     )
 
     window = {"loss": torch.zeros((), device=accelerator.device), "targets": 0, "tokens": 0}
@@ -389,7 +390,7 @@ def main(argv: list[str]) -> None:
         log.say(stop_reason, progress.step)
     log.say(
         f"done: {progress.step} steps, {progress.tokens:,} tokens in "
-        f"{snapshot_store.elapsed() / 60:.1f} min; best model in {out_dir}/best",
+        f"{timedelta(seconds=round(snapshot_store.elapsed()))}; best model in {out_dir}/best",
         progress.step,
     )
     accelerator.end_training()

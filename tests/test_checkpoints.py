@@ -106,8 +106,11 @@ def test_a_non_finite_model_is_never_saved_over_a_good_snapshot(tmp_path):
     model, optimizer = accelerator.prepare(model, optimizer)
     store = Snapshots(accelerator, tmp_path, Config(max_steps=1), model)
     stopper = EarlyStopping(EarlyStopConfig())
+    (tmp_path / "trackers.json").write_text('{"wandb": {"run_id": "abc123"}}')
     good = store.save(Progress(step=1), stopper, None, 2.5)
-    verify_snapshot(good)
+    state = verify_snapshot(good)
+    assert state["progress"] == {"step": 1, "tokens": 0, "samples": 0}
+    assert state["trackers"] == {"wandb": {"run_id": "abc123"}}  # the tracker's run goes on too
     with pytest.raises(UserError, match=f"not saving it; the last good snapshot is {good}"):
         store.save(Progress(step=2), stopper, None, math.nan)
     with torch.no_grad():
