@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -197,10 +198,12 @@ class CheckpointRotator:
             try:
                 info = {"step": step, "val_loss": val_loss}
                 save_checkpoint(directory, model, tokenizer, data_info, info)
-            except OSError as error:  # a full disk, say: the temporary directory is gone already
+            except (OSError, SafetensorError) as error:  # a full disk, say: tmp dir is gone
+                reason = error.strerror if isinstance(error, OSError) else str(error)
                 raise UserError(
-                    f"could not write checkpoint {directory}: {error.strerror or error}; free "
-                    "some space and rerun the same command to resume (kept checkpoints are intact)"
+                    f"could not write checkpoint {directory} ({reason}); if the disk is full, "
+                    "free some space, then rerun the same command to resume (kept checkpoints "
+                    "are intact)"
                 ) from None
         kept = self.kept()
         if self.keep_best:

@@ -26,6 +26,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from accelerate.utils import load as load_weights_only
+from safetensors import SafetensorError
 
 from checkpoints import finalize_directory, model_state_for_saving, verify_manifest
 from config import Config, UserError
@@ -33,6 +34,9 @@ from config import Config, UserError
 SNAPSHOTS = "snapshots"
 STATE_FILE = "state.json"
 PICKLED = (".bin", ".pkl", ".pt")
+# What a failed write raises: OSError from Python, SafetensorError from safetensors and
+# RuntimeError from torch.save (a full disk reads "PytorchStreamWriter failed ..." or similar).
+WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
 
 # Config keys (dotted prefixes) that a resumed run must share with its snapshot: changing them
 # would make it another run (other weights, data or batches). Anything else (length, logging,
@@ -116,18 +120,18 @@ def _choose(out_dir: Path, resume: str) -> tuple[Path | None, list[str]]:
             raise UserError(f"{out_dir} already holds another run; choose another --out_dir")
         return snapshot, []
     candidates = snapshot_dirs(out_dir)
-    warnings = []
+    skipped = []
     for directory in candidates:
         problem = _problem_of(directory)
         if not problem:
-            return directory, warnings
-        warnings.append(f"warning: skipping snapshot {directory}: {problem}")
+            return directory, skipped
+        skipped.append(f"warning: skipping snapshot {directory}: {problem}")
     if holds_run(out_dir) or candidates:
         raise UserError(
             f"{out_dir} holds a run but no valid snapshot to resume from; move it away or "
             "choose another --out_dir (nothing was changed)"
         )
-    return None, warnings
+    return None, skipped
 
 
 def choose_snapshot(accelerator: Accelerator, out_dir: Path, resume: str) -> Path | None:
@@ -135,8 +139,8 @@ def choose_snapshot(accelerator: Accelerator, out_dir: Path, resume: str) -> Pat
     choice: list = [None]
     if accelerator.is_main_process:
         try:
-            directory, warnings = _choose(Path(out_dir), resume)
-            for warning in warnings:
+            directory, skipped = _choose(Path(out_dir), resume)
+            for warning in skipped:
                 print(warning, file=sys.stderr)
             choice = [("ok", str(directory) if directory else None)]
         except UserError as error:
@@ -226,7 +230,7 @@ class Snapshots:
                 tmp.mkdir(parents=True)
             self.accelerator.wait_for_everyone()
             self.accelerator.save_state(str(tmp), safe_serialization=True)
-        except OSError as failure:
+        except WRITE_ERRORS as failure:
             error = failure
         self._all_succeeded(error, tmp)
         try:
@@ -247,7 +251,7 @@ class Snapshots:
                 (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=2) + "\n")
                 finalize_directory(tmp, target)
                 self._drop_old()
-        except OSError as failure:
+        except WRITE_ERRORS as failure:
             error = failure
         self._all_succeeded(error, tmp)
         return target
@@ -261,7 +265,7 @@ class Snapshots:
                 f"the last good snapshot is {newest[0] if newest else 'none'}"
             )
 
-    def _all_succeeded(self, error: OSError | None, tmp: Path) -> None:
+    def _all_succeeded(self, error: Exception | None, tmp: Path) -> None:
         """End the run on every process if a write failed on any (a full disk, say)."""
         failed = torch.tensor(float(error is not None), device=self.accelerator.device)
         if self.accelerator.reduce(failed, "sum").item() == 0:
@@ -269,10 +273,14 @@ class Snapshots:
         if self.accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         newest = snapshot_dirs(self.out_dir)
-        reason = (error.strerror or str(error)) if error else "a write failed on another process"
+        reason = str(error).strip().splitlines()[0] if error else "failed on another process"
+        if isinstance(error, OSError):
+            reason = error.strerror or reason
+        free = shutil.disk_usage(tmp.parent).free / 1e6
         raise UserError(
-            f"could not write a snapshot to {tmp.parent}: {reason}; free some space and rerun "
-            f"the same command to resume from {newest[0] if newest else 'the start'}"
+            f"could not write a snapshot to {tmp.parent} ({reason}; {free:.1f} MB free there); "
+            "if the disk is full, free some space, then rerun the same command to resume from "
+            f"{newest[0] if newest else 'the start'}"
         )
 
     def _drop_old(self) -> None:
@@ -291,9 +299,9 @@ class Snapshots:
     def restore(self, directory: Path, progress, early_stopping, log) -> str | None:
         """Load a snapshot into the prepared model, optimizer, progress and early stopping.
 
-        Returns the reason the run stopped if it had (a snapshot of its end). Refuses a snapshot whose config differs in a way that makes it another run, and cuts
-        metrics.jsonl back to where it was at the snapshot, so the log goes on as if the run had
-        never stopped.
+        Returns the reason the run stopped if it had (a snapshot of its end). Refuses a snapshot
+        whose config differs in a way that makes it another run, and cuts metrics.jsonl back to
+        where it was at the snapshot, so the log goes on as if the run had never stopped.
         """
         state = json.loads((Path(directory) / STATE_FILE).read_text())
         breaking, harmless = config_changes(state["config"], asdict(self.config))
@@ -302,8 +310,9 @@ class Snapshots:
             breaking.append(f"processes {processes}")
         if breaking:
             raise UserError(
-                f"cannot resume from {directory}: the config changes the run ({', '.join(breaking)}); "
-                "rerun with the snapshot's values or choose another --out_dir"
+                f"cannot resume from {directory}: the config changes the run "
+                f"({', '.join(breaking)}); rerun with the snapshot's values or choose another "
+                "--out_dir"
             )
         self.accelerator.load_state(str(directory))
         self.elapsed_before = state["elapsed_s"]
