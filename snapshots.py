@@ -88,7 +88,12 @@ def verify_snapshot(directory: Path) -> dict:
                     f"refusing to unpickle {path}: it holds more than tensors and plain data "
                     f"({cause})"
                 ) from None
-    return json.loads((directory / STATE_FILE).read_text())
+    state = json.loads((directory / STATE_FILE).read_text())
+    # Accelerate skips missing RNG states silently; a resumed run would then not be exact.
+    for rank in range(state["num_processes"]):
+        if not (directory / f"random_states_{rank}.pkl").is_file():
+            raise UserError(f"{directory} lacks the RNG states of process {rank}")
+    return state
 
 
 def _problem_of(directory: Path) -> str | None:
@@ -100,15 +105,15 @@ def _problem_of(directory: Path) -> str | None:
     return None
 
 
-def _choose(out_dir: Path, resume: str) -> tuple[Path | None, list[str]]:
-    """The snapshot to resume from (None: start fresh) and the warnings to print."""
+def _choose(out_dir: Path, resume: str) -> Path | None:
+    """The snapshot to resume from (None: start fresh), warning about each one skipped."""
     if resume == "never":
         if holds_run(out_dir):
             raise UserError(
                 f"{out_dir} already holds a run and resume is never; choose another --out_dir, "
                 "move the old run away, or resume it with --resume=auto"
             )
-        return None, []
+        return None
     if resume != "auto":  # the path of one snapshot
         snapshot = Path(resume)
         if not snapshot.is_dir():
@@ -118,20 +123,19 @@ def _choose(out_dir: Path, resume: str) -> tuple[Path | None, list[str]]:
             raise UserError(f"cannot resume from {snapshot}: {problem}")
         if snapshot.resolve().parent.parent != out_dir.resolve() and holds_run(out_dir):
             raise UserError(f"{out_dir} already holds another run; choose another --out_dir")
-        return snapshot, []
+        return snapshot
     candidates = snapshot_dirs(out_dir)
-    skipped = []
     for directory in candidates:
         problem = _problem_of(directory)
         if not problem:
-            return directory, skipped
-        skipped.append(f"warning: skipping snapshot {directory}: {problem}")
+            return directory
+        print(f"warning: skipping snapshot {directory}: {problem}", file=sys.stderr)
     if holds_run(out_dir) or candidates:
         raise UserError(
             f"{out_dir} holds a run but no valid snapshot to resume from; move it away or "
             "choose another --out_dir (nothing was changed)"
         )
-    return None, skipped
+    return None
 
 
 def choose_snapshot(accelerator: Accelerator, out_dir: Path, resume: str) -> Path | None:
@@ -139,9 +143,7 @@ def choose_snapshot(accelerator: Accelerator, out_dir: Path, resume: str) -> Pat
     choice: list = [None]
     if accelerator.is_main_process:
         try:
-            directory, skipped = _choose(Path(out_dir), resume)
-            for warning in skipped:
-                print(warning, file=sys.stderr)
+            directory = _choose(Path(out_dir), resume)
             choice = [("ok", str(directory) if directory else None)]
         except UserError as error:
             choice = [("error", str(error))]

@@ -393,6 +393,7 @@ def main(argv: list[str]) -> None:
         f"{timedelta(seconds=round(snapshot_store.elapsed()))}; best model in {out_dir}/best",
         progress.step,
     )
+    accelerator.wait_for_everyone()  # all processes leave the process group together
     accelerator.end_training()
 
 

@@ -242,6 +242,21 @@ def test_a_corrupt_snapshot_is_skipped_for_the_older_one(finished_run, tmp_path)
     assert_same_weights(final_weights(copy), final_weights(run_dir))
 
 
+def test_a_run_without_a_valid_snapshot_is_never_overwritten(finished_run, tmp_path):
+    run_dir, args = finished_run
+    copy = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(run_dir), str(copy)], check=True)
+    for snapshot in (copy / "snapshots").iterdir():
+        (snapshot / "state.json").unlink()  # every snapshot unusable
+    before = tree(copy)
+    args = [a for a in args if not a.startswith("--out_dir")] + [f"--out_dir={copy}"]
+    result = run_script("train.py", *args, cwd=tmp_path, env=ONE_THREAD, check=False)
+    assert result.returncode == 2
+    assert "holds a run but no valid snapshot to resume from" in result.stderr.splitlines()[-1]
+    assert result.stderr.count("warning: skipping snapshot") == 2
+    assert tree(copy) == before
+
+
 class CreatesAFile:
     """A pickle that would create a file when unpickled, if it ever were."""
 
