@@ -25,6 +25,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -59,17 +61,30 @@ def write_directory_atomically(target: Path, fill) -> None:
     try:
         tmp_dir.chmod(0o755)
         fill(tmp_dir)
-        files = sorted(p for p in tmp_dir.iterdir() if p.is_file())
-        manifest = {"files": {p.name: sha256_of(p) for p in files}}
-        (tmp_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        for path in [*files, tmp_dir / MANIFEST_FILE, tmp_dir]:
-            _fsync(path)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp_dir, target)
-        _fsync(target.parent)
+        finalize_directory(tmp_dir, target)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def finalize_directory(tmp_dir: Path, target: Path) -> None:
+    """Add a manifest to a complete tmp_dir, flush everything to disk, and rename it to target."""
+    files = sorted(p for p in tmp_dir.iterdir() if p.is_file())
+    manifest = {"files": {p.name: sha256_of(p) for p in files}}
+    (tmp_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    for path in [*files, tmp_dir / MANIFEST_FILE, tmp_dir]:
+        _fsync(path)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp_dir, target)
+    _fsync(target.parent)
+
+
+def model_state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Weights on the CPU, contiguous, with a tied output layer stored once."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
 
 
 def save_checkpoint(
@@ -201,20 +216,35 @@ class CheckpointRotator:
     def save(
         self, model: nn.Module, tokenizer: Tokenizer, data_info: dict, step: int, val_loss: float
     ) -> Path | None:
-        """Save if among the best, drop those pushed out, repoint best/ and latest/."""
-        if not self.wants(val_loss):
-            return None
-        directory = self.root / f"step-{step:08d}-val-{val_loss:.4f}"
-        save_checkpoint(
-            directory, model, tokenizer, data_info, {"step": step, "val_loss": val_loss}
-        )
+        """Save if among the best, drop those pushed out, repoint best/ and latest/.
+
+        The dropping and repointing run after every evaluation, saved or not, so they also finish
+        a rotation that a crash interrupted (a resumed run then ends with the same checkpoints).
+        """
+        directory = None
+        if self.wants(val_loss):
+            directory = self.root / f"step-{step:08d}-val-{val_loss:.4f}"
+            try:
+                info = {"step": step, "val_loss": val_loss}
+                save_checkpoint(directory, model, tokenizer, data_info, info)
+            except (OSError, SafetensorError) as error:  # a full disk, say: tmp dir is gone
+                reason = error.strerror if isinstance(error, OSError) else str(error)
+                raise UserError(
+                    f"could not write checkpoint {directory} ({reason}); if the disk is full, "
+                    "free some space, then rerun the same command to resume (kept checkpoints "
+                    "are intact)"
+                ) from None
         kept = self.kept()
         if self.keep_best:
             for _, _, old in kept[self.keep_best :]:
-                shutil.rmtree(old)
+                # Renamed first: a crash while deleting must not leave a checkpoint that looks whole.
+                doomed = old.with_name(f".tmp-drop-{old.name}")
+                os.replace(old, doomed)
+                shutil.rmtree(doomed)
             kept = kept[: self.keep_best]
-        self._point("best", kept[0][2])
-        self._point("latest", max(kept, key=lambda item: item[1])[2])
+        if kept:
+            self._point("best", kept[0][2])
+            self._point("latest", max(kept, key=lambda item: item[1])[2])
         return directory
 
     def _point(self, name: str, target: Path) -> None:

@@ -123,6 +123,14 @@ class Config:
     """Checkpoints kept, the best by val loss; 0 keeps every one."""
     init_from: str = ""
     """Start from these weights (fresh optimizer and schedule): our checkpoint or run directory, or a Hugging Face GPT-2/Llama directory or hub name."""
+    resume: str = "auto"
+    """auto: continue from the newest valid snapshot in out_dir if there is one; never: refuse an out_dir that holds a run; or the path of a snapshot to continue from."""
+    snapshot_every: int = 1
+    """Macro-batches between snapshots (the run's whole state, for resume); the run's end is always saved."""
+    keep_snapshots: int = 2
+    """Snapshots kept, the newest ones (at least 1)."""
+    nonfinite_loss: str = "stop"
+    """On a non-finite loss or gradient: stop (the run ends with an error) or skip (the step is not applied)."""
 
     def problems(self) -> list[str]:
         found = self.model.problems()
@@ -144,6 +152,12 @@ class Config:
             found.append(f"mixed_precision is {self.mixed_precision!r}; use auto, bf16, fp16 or no")
         if self.keep_best < 0:
             found.append("keep_best must be 0 (keep all) or more")
+        if self.snapshot_every < 1 or self.keep_snapshots < 1:
+            found.append("snapshot_every and keep_snapshots must be at least 1")
+        if self.nonfinite_loss not in ("stop", "skip"):
+            found.append(f"nonfinite_loss is {self.nonfinite_loss!r}; use stop or skip")
+        if not self.resume:
+            found.append("resume is empty; use auto, never or the path of a snapshot")
         if self.data.eval_samples < 1:
             found.append("data.eval_samples must be at least 1")
         return found

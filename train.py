@@ -15,6 +15,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 import checkpoints
+import snapshots
 import tracking
 from arithmetic import ArithmeticTask, count_exact_matches
 from config import Config, UserError, help_text, load_config, run_cli
@@ -100,13 +102,16 @@ def train_step(
     accelerator: Accelerator,
     micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
     grad_clip: float,
-) -> tuple[torch.Tensor, int, torch.Tensor]:
+    skip_nonfinite: bool = False,
+) -> tuple[torch.Tensor | None, int, torch.Tensor]:
     """One optimizer step over this process's micro-batches.
 
     The loss is normalised by the number of real (unmasked) target tokens of the whole step on
     all processes, so every token weighs the same whatever micro-batch or process it is in.
     DDP averages gradients over processes, hence the factor num_processes.
-    Returns this process's summed token loss, its real-token count, and the gradient norm.
+    Returns this process's summed token loss, its real-token count, and the gradient norm; with
+    skip_nonfinite, a step whose loss or gradient is not finite on any process is not applied
+    and its loss is returned as None.
     """
     local_tokens = sum(int((targets != IGNORE_INDEX).sum()) for _, targets in micro_batches)
     step_tokens = accelerator.reduce(
@@ -130,6 +135,11 @@ def train_step(
             accelerator.backward(loss * scale)
         loss_sum += loss.detach()
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    if skip_nonfinite:
+        bad = (~torch.isfinite(loss_sum)).float() + (~torch.isfinite(grad_norm)).float()
+        if accelerator.reduce(bad, "sum").item() > 0:  # every process takes the same decision
+            optimizer.zero_grad(set_to_none=True)
+            return None, 0, grad_norm
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, local_tokens, grad_norm
@@ -199,14 +209,6 @@ class RunLog:
             self.write({"step": step, "message": message})
 
 
-def check_out_dir_is_free(out_dir: Path) -> None:
-    """Refuse to write into a directory that already holds a run: nothing of it may be lost."""
-    if (out_dir / "metrics.jsonl").exists() or (out_dir / "checkpoints").exists():
-        raise UserError(
-            f"{out_dir} already holds a run; choose another --out_dir or move the old run away"
-        )
-
-
 def build_model_and_tokenizer(config: Config, meta: dict) -> tuple[torch.nn.Module, Tokenizer]:
     tokenizer = Tokenizer.load(config.data.path)
     if config.init_from:
@@ -234,12 +236,12 @@ def main(argv: list[str]) -> None:
         return
     config, _ = load_config(argv)
     out_dir = Path(config.out_dir)
-    check_out_dir_is_free(out_dir)
     accelerator = Accelerator(
         mixed_precision=mixed_precision_mode(config),
         dynamo_backend="inductor" if config.compile else "no",
         **tracking.accelerator_options(config),
     )
+    resume_from = snapshots.choose_snapshot(accelerator, out_dir, config.resume)
     set_seed(config.seed)  # same initial weights on every process
     meta = open_data(config, accelerator)
     model, tokenizer = build_model_and_tokenizer(config, meta)
@@ -256,6 +258,7 @@ def main(argv: list[str]) -> None:
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
+    snapshot_store = snapshots.Snapshots(accelerator, out_dir, config, raw_model)
 
     # The schedules run on tokens; a length in steps converts exactly since the batch is fixed then.
     sample_length = train_split.fetch([0])[0].size(1)
@@ -272,21 +275,26 @@ def main(argv: list[str]) -> None:
     data_info = {k: v for k, v in meta.items() if k in ("format", "example_length", "task")}
     data_info["dir"] = str(config.data.path)
 
+    log = RunLog(accelerator, out_dir)
+    progress, stop_reason = Progress(), None
+    if resume_from:  # the state at the snapshot, and metrics.jsonl cut back to it
+        stop_reason = snapshot_store.restore(resume_from, progress, early_stopping, log)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
+        snapshot_store.clean_leftovers()
         (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     tracking.start_trackers(accelerator, config)
-    log = RunLog(accelerator, out_dir)
+    if not resume_from:  # a snapshot of the start, so a run that dies before its first save resumes
+        snapshot_store.save(progress, early_stopping, stop_reason)
     log.say(
         f"{count_parameters(raw_model) / 1e6:.2f}M parameters | {accelerator.num_processes} "
         f"process(es) on {accelerator.device} | precision {accelerator.mixed_precision} | "
         f"{total_tokens:,} tokens to train",
-        0,
+        progress.step,
     )
     throughput = Throughput.of_run(raw_model, sample_length, accelerator)
     log.say(throughput.peak_source, 0)
 
-    progress = Progress()
     window = {
         "loss": torch.zeros((), device=accelerator.device),
         "targets": 0,
@@ -296,12 +304,12 @@ def main(argv: list[str]) -> None:
     window_start = time.perf_counter()
     bar = tqdm(
         total=total_tokens,
+        initial=progress.tokens,
         unit="tok",
         unit_scale=True,
         disable=not accelerator.is_main_process or not sys.stderr.isatty(),
     )
     settings: StepSettings | None = None
-    stop_reason = None
     while progress.tokens < total_tokens and stop_reason is None:
         settings = schedules.at(progress.tokens)
         apply_settings(optimizer, settings)
@@ -309,13 +317,21 @@ def main(argv: list[str]) -> None:
             sampler, train_split, progress.samples, settings.grad_accum, config, accelerator
         )
         loss_sum, targets, grad_norm = train_step(
-            model, optimizer, accelerator, micro_batches, config.optim.grad_clip
+            model,
+            optimizer,
+            accelerator,
+            micro_batches,
+            config.optim.grad_clip,
+            skip_nonfinite=config.nonfinite_loss == "skip",
         )
         progress.step += 1
         progress.samples += settings.grad_accum * config.batch_size * accelerator.num_processes
         progress.tokens += settings.grad_accum * micro_tokens
-        window["loss"] += loss_sum
-        window["targets"] += targets
+        if loss_sum is None:
+            log.say(f"skipped step {progress.step}: non-finite loss or gradient", progress.step)
+        else:
+            window["loss"] += loss_sum
+            window["targets"] += targets
         window["tokens"] += settings.grad_accum * micro_tokens
         window["steps"] += 1
         bar.update(settings.grad_accum * micro_tokens)
@@ -325,7 +341,7 @@ def main(argv: list[str]) -> None:
         if progress.step % config.log_interval == 0 or macro_batch_end:
             totals = accelerator.reduce(
                 torch.stack(
-                    [window["loss"], torch.tensor(window["targets"], device=loss_sum.device)]
+                    [window["loss"], torch.tensor(window["targets"], device=accelerator.device)]
                 ),
                 "sum",
             )
@@ -346,13 +362,18 @@ def main(argv: list[str]) -> None:
             event_rate = event["tokens_per_sec"]
             log.write(event)
             bar.set_postfix(step=progress.step, loss=f"{train_loss:.4f}", lr=f"{settings.lr:.2e}")
-            if not math.isfinite(train_loss):
+            if not math.isfinite(train_loss) and config.nonfinite_loss == "stop":
                 log.say(f"stopping: training loss is {train_loss}", progress.step)
                 raise UserError(
                     f"training loss became {train_loss} at step {progress.step}; lower lr.peak "
                     "or raise optim.grad_clip (checkpoints saved so far are untouched)"
                 )
-            window = {"loss": torch.zeros_like(loss_sum), "targets": 0, "tokens": 0, "steps": 0}
+            window = {
+                "loss": torch.zeros_like(window["loss"]),
+                "targets": 0,
+                "tokens": 0,
+                "steps": 0,
+            }
             window_start = time.perf_counter()
 
         if macro_batch_end:
@@ -377,15 +398,19 @@ def main(argv: list[str]) -> None:
                 if saved:
                     log.say(f"saved {saved}", progress.step)
             accelerator.wait_for_everyone()
+            if snapshot_store.due(progress.step, final=finished or stop_reason is not None):
+                snapshot_store.save(progress, early_stopping, stop_reason, val_loss)
             window_start = time.perf_counter()  # evaluation time is not training throughput
 
     bar.close()
     if stop_reason:
         log.say(stop_reason, progress.step)
     log.say(
-        f"done: {progress.step} steps, {progress.tokens:,} tokens; best model in {out_dir}/best",
+        f"done: {progress.step} steps, {progress.tokens:,} tokens in "
+        f"{timedelta(seconds=round(snapshot_store.elapsed()))}; best model in {out_dir}/best",
         progress.step,
     )
+    accelerator.wait_for_everyone()  # all processes leave the process group together
     accelerator.end_training()
 
 

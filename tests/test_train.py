@@ -208,7 +208,10 @@ def test_bad_input_against_a_trained_model(trained_adder, tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1
     before = sorted(p.name for p in trained_adder.rglob("*"))
     again = run_script(
-        "train.py", *tiny_adder_args("unused", trained_adder), cwd=tmp_path, check=False
+        "train.py",
+        *tiny_adder_args("unused", trained_adder, "--resume=never"),
+        cwd=tmp_path,
+        check=False,
     )
     assert again.returncode == 2 and "already holds a run" in again.stderr
     assert sorted(p.name for p in trained_adder.rglob("*")) == before

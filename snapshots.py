@@ -1,0 +1,336 @@
+"""Snapshots: the whole state of a run, so that rerunning the same command continues it exactly.
+
+    out_dir/snapshots/step-00000300/
+        model.safetensors          weights (Accelerate's save_state, unwrapped: no DDP or compile prefixes)
+        optimizer.bin              optimizer state (and scaler.pt with fp16)
+        random_states_<rank>.pkl   every process's RNG states
+        state.json                 progress (step, tokens, data position), early stopping, elapsed
+                                   time, length of metrics.jsonl, trackers.json, the resolved config
+        manifest.json              sha256 of every file, written last
+
+Every process writes its files into out_dir/snapshots/.tmp-step-N; the main process then adds
+state.json and the manifest, flushes and renames the directory, so a crash at any moment leaves
+the older snapshots intact. Pickled files are only ever loaded with weights_only=True.
+"""
+
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from accelerate.utils import load as load_weights_only
+from safetensors import SafetensorError
+
+from checkpoints import finalize_directory, model_state_for_saving, verify_manifest
+from config import Config, UserError
+
+SNAPSHOTS = "snapshots"
+STATE_FILE = "state.json"
+PICKLED = (".bin", ".pkl", ".pt")
+# What a failed write raises: OSError from Python, SafetensorError from safetensors and
+# RuntimeError from torch.save (a full disk reads "PytorchStreamWriter failed ..." or similar).
+WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
+
+# Config keys (dotted prefixes) that a resumed run must share with its snapshot: changing them
+# would make it another run (other weights, data or batches). Anything else (length, logging,
+# keep_best, compile, the schedules...) may change on resume; the change is logged.
+BREAKING_KEYS = (
+    "model.",
+    "data.name",
+    "data.dir",
+    "seed",
+    "batch_size",
+    "grad_accum.",
+    "mixed_precision",
+)
+
+
+def snapshot_dirs(out_dir: Path) -> list[Path]:
+    """The run's snapshot directories, newest first (temporary and dropped ones left out)."""
+    root = Path(out_dir) / SNAPSHOTS
+    found = root.glob("step-*") if root.is_dir() else []
+    return sorted((p for p in found if p.is_dir()), key=lambda p: p.name, reverse=True)
+
+
+def holds_run(out_dir: Path) -> bool:
+    """Whether out_dir holds something of a run worth keeping (a crash during the very first
+    snapshot, before anything else was written, leaves only temporary files: not a run)."""
+    out_dir = Path(out_dir)
+    logged = any((out_dir / name).exists() for name in ("metrics.jsonl", "checkpoints"))
+    return logged or bool(snapshot_dirs(out_dir))
+
+
+def verify_snapshot(directory: Path) -> dict:
+    """Check a snapshot is complete, uncorrupted and safe to unpickle; return its state.json."""
+    directory = Path(directory)
+    if not (directory / STATE_FILE).is_file():
+        raise UserError(f"{directory} is not a snapshot: it has no {STATE_FILE}")
+    verify_manifest(directory)
+    for path in sorted(directory.iterdir()):
+        if path.suffix in PICKLED:
+            try:  # Accelerate's loader: weights_only=True, numpy arrays allowed for RNG states
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # about pickle protocols
+                    load_weights_only(path, map_location="cpu")
+            except Exception as error:
+                # torch's own message goes on to suggest weights_only=False: keep only the cause.
+                lines = str(error).strip().splitlines() or ["unreadable"]
+                cause = next((line for line in lines if "Unsupported" in line), lines[0])
+                cause = cause.strip().removeprefix("WeightsUnpickler error: ").split(". ")[0]
+                raise UserError(
+                    f"refusing to unpickle {path}: it holds more than tensors and plain data "
+                    f"({cause})"
+                ) from None
+    state = json.loads((directory / STATE_FILE).read_text())
+    # Accelerate skips missing RNG states silently; a resumed run would then not be exact.
+    for rank in range(state["num_processes"]):
+        if not (directory / f"random_states_{rank}.pkl").is_file():
+            raise UserError(f"{directory} lacks the RNG states of process {rank}")
+    return state
+
+
+def _problem_of(directory: Path) -> str | None:
+    """Why a snapshot cannot be resumed from, or None if it can."""
+    try:
+        verify_snapshot(directory)
+    except (UserError, OSError, ValueError) as error:
+        return str(error)
+    return None
+
+
+def _choose(out_dir: Path, resume: str) -> Path | None:
+    """The snapshot to resume from (None: start fresh), warning about each one skipped."""
+    if resume == "never":
+        if holds_run(out_dir):
+            raise UserError(
+                f"{out_dir} already holds a run and resume is never; choose another --out_dir, "
+                "move the old run away, or resume it with --resume=auto"
+            )
+        return None
+    if resume != "auto":  # the path of one snapshot
+        snapshot = Path(resume)
+        if not snapshot.is_dir():
+            raise UserError(f"snapshot {resume} does not exist; pass out/<run>/snapshots/step-N")
+        problem = _problem_of(snapshot)
+        if problem:
+            raise UserError(f"cannot resume from {snapshot}: {problem}")
+        if snapshot.resolve().parent.parent != out_dir.resolve() and holds_run(out_dir):
+            raise UserError(f"{out_dir} already holds another run; choose another --out_dir")
+        return snapshot
+    candidates = snapshot_dirs(out_dir)
+    for directory in candidates:
+        problem = _problem_of(directory)
+        if not problem:
+            return directory
+        print(f"warning: skipping snapshot {directory}: {problem}", file=sys.stderr)
+    if holds_run(out_dir) or candidates:
+        raise UserError(
+            f"{out_dir} holds a run but no valid snapshot to resume from; move it away or "
+            "choose another --out_dir (nothing was changed)"
+        )
+    return None
+
+
+def choose_snapshot(accelerator: Accelerator, out_dir: Path, resume: str) -> Path | None:
+    """Pick the snapshot to resume from on the main process and share the choice with all."""
+    choice: list = [None]
+    if accelerator.is_main_process:
+        try:
+            directory = _choose(Path(out_dir), resume)
+            choice = [("ok", str(directory) if directory else None)]
+        except UserError as error:
+            choice = [("error", str(error))]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(choice)
+    status, value = choice[0]
+    if status == "error":
+        raise UserError(value)
+    return Path(value) if value else None
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(breaking, harmless) differences between a snapshot's config and this run's, as text."""
+    old, new = _flatten(old), _flatten(new)
+    breaking, harmless = [], []
+    for key in sorted(set(old) | set(new)):
+        if key in ("out_dir", "resume") or old.get(key) == new.get(key):
+            continue
+        change = f"{key} {json.dumps(old.get(key))} -> {json.dumps(new.get(key))}"
+        breaks = any(key == k or (k.endswith(".") and key.startswith(k)) for k in BREAKING_KEYS)
+        (breaking if breaks else harmless).append(change)
+    return breaking, harmless
+
+
+class Snapshots:
+    """Save the run's state every `snapshot_every` macro-batches and restore it on resume."""
+
+    def __init__(self, accelerator: Accelerator, out_dir: Path, config: Config, model):
+        self.accelerator = accelerator
+        self.out_dir = Path(out_dir)
+        self.root = self.out_dir / SNAPSHOTS
+        self.config = config
+        self.model = model  # unwrapped: checked to be finite before saving
+        self.started = time.monotonic()
+        self.elapsed_before = 0.0
+        # Snapshots hold the plain model's weights whatever wraps it (DDP, torch.compile), so
+        # a run can resume with compile switched on or off.
+        accelerator.register_save_state_pre_hook(self._unwrapped_weights)
+        accelerator.register_load_state_pre_hook(self._unwrapped_models)
+
+    def _unwrapped_weights(self, models, weights, output_dir) -> None:
+        for i, model in enumerate(models):
+            unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+            weights[i] = model_state_for_saving(unwrapped)  # a tied output layer stored once
+
+    def _unwrapped_models(self, models, input_dir) -> None:
+        for i, model in enumerate(models):
+            models[i] = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+
+    def elapsed(self) -> float:
+        """Seconds this run has trained, over all its resumed parts."""
+        return self.elapsed_before + time.monotonic() - self.started
+
+    def due(self, step: int, final: bool) -> bool:
+        """Whether the macro-batch that ends at `step` ends with a snapshot."""
+        macro_batches = step // self.config.macro_batch_steps
+        return final or macro_batches % self.config.snapshot_every == 0
+
+    def save(
+        self, progress, early_stopping, stop_reason: str | None, val_loss: float | None = None
+    ) -> Path:
+        """Save the run's state after progress.step; every process calls this."""
+        step = progress.step
+        state = {
+            "progress": asdict(progress),
+            "early_stopping": early_stopping.state_dict(),
+            "stop_reason": stop_reason,
+        }
+        self._refuse_non_finite(step, val_loss)
+        target = self.root / f"step-{step:08d}"
+        tmp = self.root / f".tmp-{target.name}"
+        error = None
+        try:
+            if self.accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during a save
+                tmp.mkdir(parents=True)
+            self.accelerator.wait_for_everyone()
+            self.accelerator.save_state(str(tmp), safe_serialization=True)
+        except WRITE_ERRORS as failure:
+            error = failure
+        self._all_succeeded(error, tmp)
+        try:
+            if self.accelerator.is_main_process:
+                metrics = self.out_dir / "metrics.jsonl"
+                trackers = self.out_dir / "trackers.json"
+                if metrics.exists():  # on disk before the snapshot that records its length
+                    with open(metrics, "rb+") as file:
+                        os.fsync(file.fileno())
+                full_state = {
+                    **state,
+                    "elapsed_s": self.elapsed(),
+                    "metrics_bytes": metrics.stat().st_size if metrics.exists() else 0,
+                    "num_processes": self.accelerator.num_processes,
+                    "trackers": json.loads(trackers.read_text()) if trackers.exists() else None,
+                    "config": asdict(self.config),
+                }
+                (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=2) + "\n")
+                finalize_directory(tmp, target)
+                self._drop_old()
+        except WRITE_ERRORS as failure:
+            error = failure
+        self._all_succeeded(error, tmp)
+        return target
+
+    def _refuse_non_finite(self, step: int, val_loss: float | None) -> None:
+        finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        if not finite or (val_loss is not None and not torch.isfinite(torch.tensor(val_loss))):
+            newest = snapshot_dirs(self.out_dir)
+            raise UserError(
+                f"the model is not finite at step {step} (val loss {val_loss}): not saving it; "
+                f"the last good snapshot is {newest[0] if newest else 'none'}"
+            )
+
+    def _all_succeeded(self, error: Exception | None, tmp: Path) -> None:
+        """End the run on every process if a write failed on any (a full disk, say)."""
+        failed = torch.tensor(float(error is not None), device=self.accelerator.device)
+        if self.accelerator.reduce(failed, "sum").item() == 0:
+            return
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        newest = snapshot_dirs(self.out_dir)
+        reason = str(error).strip().splitlines()[0] if error else "failed on another process"
+        if isinstance(error, OSError):
+            reason = error.strerror or reason
+        free = shutil.disk_usage(tmp.parent).free / 1e6
+        raise UserError(
+            f"could not write a snapshot to {tmp.parent} ({reason}; {free:.1f} MB free there); "
+            "if the disk is full, free some space, then rerun the same command to resume from "
+            f"{newest[0] if newest else 'the start'}"
+        )
+
+    def _drop_old(self) -> None:
+        """Keep the newest keep_snapshots; rename before deleting so a crash leaves no half."""
+        for old in snapshot_dirs(self.out_dir)[self.config.keep_snapshots :]:
+            doomed = old.with_name(f".tmp-drop-{old.name}")
+            os.replace(old, doomed)
+            shutil.rmtree(doomed)
+
+    def clean_leftovers(self) -> None:
+        """Remove temporary directories that a crash during a save left (main process)."""
+        for parent in (self.root, self.out_dir / "checkpoints"):
+            for tmp in parent.glob(".tmp-*") if parent.is_dir() else []:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def restore(self, directory: Path, progress, early_stopping, log) -> str | None:
+        """Load a snapshot into the prepared model, optimizer, progress and early stopping.
+
+        Returns the reason the run stopped if it had (a snapshot of its end). Refuses a snapshot
+        whose config differs in a way that makes it another run, and cuts metrics.jsonl back to
+        where it was at the snapshot, so the log goes on as if the run had never stopped.
+        """
+        state = json.loads((Path(directory) / STATE_FILE).read_text())
+        breaking, harmless = config_changes(state["config"], asdict(self.config))
+        if state["num_processes"] != self.accelerator.num_processes:
+            processes = f"{state['num_processes']} -> {self.accelerator.num_processes}"
+            breaking.append(f"processes {processes}")
+        if breaking:
+            raise UserError(
+                f"cannot resume from {directory}: the config changes the run "
+                f"({', '.join(breaking)}); rerun with the snapshot's values or choose another "
+                "--out_dir"
+            )
+        self.accelerator.load_state(str(directory))
+        self.elapsed_before = state["elapsed_s"]
+        if self.accelerator.is_main_process:
+            metrics = self.out_dir / "metrics.jsonl"
+            own_run = Path(directory).resolve().parent.parent == self.out_dir.resolve()
+            if own_run and metrics.exists() and metrics.stat().st_size > state["metrics_bytes"]:
+                os.truncate(metrics, state["metrics_bytes"])
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            trackers = self.out_dir / "trackers.json"
+            if state["trackers"] is not None and not trackers.exists():
+                trackers.write_text(json.dumps(state["trackers"], indent=2) + "\n")
+        self.accelerator.wait_for_everyone()
+        for key, value in state["progress"].items():
+            setattr(progress, key, value)
+        early_stopping.load_state_dict(state["early_stopping"])
+        changes = f"; config changes: {', '.join(harmless)}" if harmless else ""
+        log.say(f"resumed from {directory} at step {progress.step}{changes}", progress.step)
+        return state["stop_reason"]
