@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from checkpoints import MANIFEST_FILE, sha256_of
+from checkpoints import MANIFEST_FILE, load_checkpoint, sha256_of
 from conftest import REPO, TINY_MODEL, read_metrics, run_script
 
 pytestmark = pytest.mark.slow
@@ -47,8 +47,9 @@ def short_run_args(adder_dir, out_dir, *extra: str) -> list[str]:
 
 def logged_numbers(run_dir: Path) -> list[dict]:
     """Every data event of metrics.jsonl, without messages and wall-clock throughput."""
+    wall_clock = ("tokens_per_sec", "step_time", "mfu")
     return [
-        {k: v for k, v in event.items() if k != "tokens_per_sec"}
+        {k: v for k, v in event.items() if k not in wall_clock}
         for event in read_metrics(run_dir)
         if "message" not in event
     ]
@@ -133,7 +134,7 @@ def moment_reached(moment: str, run_dir: Path, chance: random.Random):
         deadline = time.monotonic() + chance.uniform(0.5, 3.0)
         return lambda: time.monotonic() > deadline
     if moment == "after a snapshot":
-        last, delay = newest_step(run_dir), chance.uniform(0.0, 0.5)
+        last, delay = newest_step(run_dir), chance.uniform(0.0, 0.1)
         return lambda: newest_step(run_dir) > last and not time.sleep(delay)
     # During a save: the temporary directory of a new snapshot is being filled (those left by
     # a save killed earlier do not count: the next run removes them before saving).
@@ -153,10 +154,12 @@ def moment_reached(moment: str, run_dir: Path, chance: random.Random):
 def test_a_run_killed_many_times_ends_bit_identical_to_an_uninterrupted_one(
     adder_dir, tmp_path, processes
 ):
-    whole = short_run_args(adder_dir, tmp_path / "whole")
+    # Long enough (12 snapshots) that the run is still going at every kill on a fast machine.
+    longer = ["--max_steps=120", "--macro_batch_steps=10", "--batch_size=32"]
+    whole = short_run_args(adder_dir, tmp_path / "whole", *longer)
     run_script("train.py", *whole, cwd=tmp_path, processes=processes, env=ONE_THREAD)
     killed = tmp_path / "killed"
-    args = short_run_args(adder_dir, killed)
+    args = short_run_args(adder_dir, killed, *longer)
     chance = random.Random(processes)
     snapshots = killed / "snapshots"
     kills = []
@@ -344,6 +347,7 @@ def test_fine_tuning_starts_from_the_checkpoint_with_a_fresh_run(finished_run, t
         "train.py", *args, f"--init_from={run_dir}", "--max_steps=5", cwd=tmp_path, env=ONE_THREAD
     )
     start = load_file(tuned / "snapshots" / "step-00000000" / "model.safetensors")
-    assert_same_weights(start, load_file(run_dir / "best" / "model.safetensors"))
+    best = load_checkpoint(run_dir).model.state_dict()
+    assert_same_weights(start, {k: v for k, v in best.items() if k in start})
     assert [e["step"] for e in read_metrics(tuned) if "train_loss" in e] == [1, 2, 3, 4, 5]
     assert (run_dir / "best").resolve() != (tuned / "best").resolve()
