@@ -14,10 +14,11 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -45,6 +46,26 @@ class Progress:
     """Input tokens trained on, all processes together (the schedules' clock)."""
     samples: int = 0
     """Global position of the data sampler: samples consumed by all processes together."""
+
+
+@dataclass
+class LogWindow:
+    """Training since the last log event, summed on this process."""
+
+    loss: torch.Tensor
+    """Summed token loss."""
+    targets: int = 0
+    """Real (unmasked) target tokens."""
+    tokens: int = 0
+    """Input tokens of all processes (for throughput)."""
+    steps: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def mean_loss(self, accelerator: Accelerator) -> float:
+        """Mean loss per real token over every process: the logged training loss."""
+        targets = torch.tensor(self.targets, device=self.loss.device, dtype=self.loss.dtype)
+        totals = accelerator.reduce(torch.stack([self.loss, targets]), "sum")
+        return (totals[0] / totals[1]).item()
 
 
 def mixed_precision_mode(config: Config) -> str:
@@ -189,6 +210,39 @@ def evaluate_exact_match(
     return (totals[0] / totals[1]).item()
 
 
+@dataclass
+class Evaluator:
+    """What every macro-batch is scored on: a fixed val subset, and exact match for arithmetic."""
+
+    val_split: Split
+    val_indices: np.ndarray
+    batch_size: int
+    tokenizer: Tokenizer
+    task: ArithmeticTask | None
+    exact_match_indices: np.ndarray
+
+    def __call__(self, model, raw_model, accelerator: Accelerator, progress: Progress) -> dict:
+        """The eval event: val loss (and exact match) after `progress`, the same on every process.
+
+        `model` is unwrapped from DDP (processes may get uneven shares, so no collective forward)
+        but may be compiled; exact match decodes with the plain `raw_model` and its KV cache.
+        """
+        event = {"step": progress.step, "tokens": progress.tokens}
+        event["val_loss"] = evaluate_loss(
+            model, self.val_split, self.val_indices, accelerator, self.batch_size
+        )
+        if self.task is not None and len(self.exact_match_indices):
+            event["val_exact_match"] = evaluate_exact_match(
+                raw_model,
+                self.tokenizer,
+                self.task,
+                self.val_split,
+                self.exact_match_indices,
+                accelerator,
+            )
+        return event
+
+
 class RunLog:
     """Log events: appended to out_dir/metrics.jsonl and sent to Accelerate's trackers."""
 
@@ -247,7 +301,6 @@ def main(argv: list[str]) -> None:
     model, tokenizer = build_model_and_tokenizer(config, meta)
     train_split = open_split(config.data.path, meta, "train", config.model.block_size, config.seed)
     val_split = open_split(config.data.path, meta, "val", config.model.block_size, config.seed)
-    task = ArithmeticTask(**meta["task"]) if "task" in meta else None
 
     optimizer = torch.optim.AdamW(
         optimizer_groups(model, config.weight_decay.first),
@@ -269,8 +322,14 @@ def main(argv: list[str]) -> None:
     schedules = RunSchedules(config.lr, config.weight_decay, config.grad_accum, total_tokens)
     early_stopping = EarlyStopping(config.early_stop)
     sampler = EpochSampler(train_split.num_samples, config.seed)
-    val_indices = fixed_subset(val_split.num_samples, config.data.eval_samples)
-    exact_match_indices = fixed_subset(val_split.num_samples, config.data.exact_match_samples)
+    evaluate = Evaluator(
+        val_split,
+        fixed_subset(val_split.num_samples, config.data.eval_samples),
+        config.batch_size,
+        tokenizer,
+        ArithmeticTask(**meta["task"]) if "task" in meta else None,
+        fixed_subset(val_split.num_samples, config.data.exact_match_samples),
+    )
     rotator = checkpoints.CheckpointRotator(out_dir, config.keep_best)
     data_info = {k: v for k, v in meta.items() if k in ("format", "example_length", "task")}
     data_info["dir"] = str(config.data.path)
@@ -293,15 +352,9 @@ def main(argv: list[str]) -> None:
         progress.step,
     )
     throughput = Throughput.of_run(raw_model, sample_length, accelerator)
-    log.say(throughput.peak_source, 0)
+    log.say(throughput.peak_source, progress.step)
 
-    window = {
-        "loss": torch.zeros((), device=accelerator.device),
-        "targets": 0,
-        "tokens": 0,
-        "steps": 0,
-    }
-    window_start = time.perf_counter()
+    window = LogWindow(torch.zeros((), device=accelerator.device))
     bar = tqdm(
         total=total_tokens,
         initial=progress.tokens,
@@ -330,23 +383,17 @@ def main(argv: list[str]) -> None:
         if loss_sum is None:
             log.say(f"skipped step {progress.step}: non-finite loss or gradient", progress.step)
         else:
-            window["loss"] += loss_sum
-            window["targets"] += targets
-        window["tokens"] += settings.grad_accum * micro_tokens
-        window["steps"] += 1
+            window.loss += loss_sum
+            window.targets += targets
+        window.tokens += settings.grad_accum * micro_tokens
+        window.steps += 1
         bar.update(settings.grad_accum * micro_tokens)
 
         finished = progress.tokens >= total_tokens
         macro_batch_end = progress.step % config.macro_batch_steps == 0 or finished
         if progress.step % config.log_interval == 0 or macro_batch_end:
-            totals = accelerator.reduce(
-                torch.stack(
-                    [window["loss"], torch.tensor(window["targets"], device=accelerator.device)]
-                ),
-                "sum",
-            )
-            train_loss = (totals[0] / totals[1]).item()
-            elapsed = time.perf_counter() - window_start
+            train_loss = window.mean_loss(accelerator)
+            elapsed = time.perf_counter() - window.started
             event = {
                 "step": progress.step,
                 "tokens": progress.tokens,
@@ -357,35 +404,28 @@ def main(argv: list[str]) -> None:
                 "batch_tokens": settings.grad_accum * micro_tokens,
                 "grad_norm": grad_norm.item(),
                 "epochs": progress.samples / train_split.num_samples,
-                **throughput.figures(window["tokens"], window["steps"], elapsed),
+                **throughput.figures(window.tokens, window.steps, elapsed),
             }
             event_rate = event["tokens_per_sec"]
             log.write(event)
-            bar.set_postfix(step=progress.step, loss=f"{train_loss:.4f}", lr=f"{settings.lr:.2e}")
+            bar.set_postfix(
+                step=progress.step,
+                loss=f"{train_loss:.4f}",
+                lr=f"{settings.lr:.2e}",
+                wd=f"{settings.weight_decay:.3g}",
+                batch=f"{settings.grad_accum}x{micro_tokens}",
+            )
             if not math.isfinite(train_loss) and config.nonfinite_loss == "stop":
                 log.say(f"stopping: training loss is {train_loss}", progress.step)
                 raise UserError(
                     f"training loss became {train_loss} at step {progress.step}; lower lr.peak "
                     "or raise optim.grad_clip (checkpoints saved so far are untouched)"
                 )
-            window = {
-                "loss": torch.zeros_like(window["loss"]),
-                "targets": 0,
-                "tokens": 0,
-                "steps": 0,
-            }
-            window_start = time.perf_counter()
+            window = LogWindow(torch.zeros_like(window.loss))
 
         if macro_batch_end:
-            eval_model = accelerator.unwrap_model(model)  # without DDP: shards may be uneven
-            val_loss = evaluate_loss(
-                eval_model, val_split, val_indices, accelerator, config.batch_size
-            )
-            event = {"step": progress.step, "tokens": progress.tokens, "val_loss": val_loss}
-            if task is not None and len(exact_match_indices) and config.data.exact_match_samples:
-                event["val_exact_match"] = evaluate_exact_match(
-                    raw_model, tokenizer, task, val_split, exact_match_indices, accelerator
-                )
+            event = evaluate(accelerator.unwrap_model(model), raw_model, accelerator, progress)
+            val_loss = event["val_loss"]
             log.write(event)
             summary = " | ".join(
                 f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in event.items()
@@ -400,7 +440,7 @@ def main(argv: list[str]) -> None:
             accelerator.wait_for_everyone()
             if snapshot_store.due(progress.step, final=finished or stop_reason is not None):
                 snapshot_store.save(progress, early_stopping, stop_reason, val_loss)
-            window_start = time.perf_counter()  # evaluation time is not training throughput
+            window.started = time.perf_counter()  # evaluation time is not training throughput
 
     bar.close()
     if stop_reason:
