@@ -206,3 +206,26 @@ def test_two_processes_log_the_mean_over_processes(adder_dir, tracked_run, tmp_p
     # Only the main process writes: one event file, no wandb id without wandb.
     assert len(list((tmp_path / "two/tensorboard/gptlab").glob("events.out.tfevents.*"))) == 1
     assert not (tmp_path / "two/trackers.json").exists()
+
+
+def test_a_resumed_training_continues_the_same_wandb_run(adder_dir, tmp_path):
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
+    out_dir = tmp_path / "out"
+    for steps in (6, 12):  # the second command resumes at step 6 and trains on to 12
+        run_script(
+            "train.py",
+            *tiny_run_args(adder_dir, out_dir, f"--max_steps={steps}"),
+            "--tracking.trackers=wandb",
+            cwd=tmp_path,
+            env=env,
+        )
+    assert any("resumed from" in e.get("message", "") for e in read_metrics(out_dir))
+    run_id = json.loads((out_dir / "trackers.json").read_text())["wandb_run_id"]
+    runs = [
+        read_wandb_run(p) for p in sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    ]
+    assert [run["id"] for run in runs] == [run_id, run_id]
+    trained = [
+        sorted(s for s, row in run["history"].items() if "train_loss" in row) for run in runs
+    ]
+    assert trained == [[2, 4, 6], [8, 10, 12]]
