@@ -91,6 +91,10 @@ def main(argv: list[str]) -> None:
         print(f"{args.task} on {args.split} of {data_dir}: {summary}")
         if args.output:
             Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    # Leave the process group together and tear it down before the interpreter exits: gloo
+    # aborts ("terminate called without an active exception") if it is destroyed at exit.
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
