@@ -43,6 +43,7 @@ class StreamSplit:
 
     def __post_init__(self):
         self.n_tokens = self.path.stat().st_size // np.dtype(self.dtype).itemsize
+        self._offsets: dict[int, int] = {}
         # One window of room at the end, so every epoch offset in [0, block_size) fits.
         self.num_samples = max(0, (self.n_tokens - 1) // self.block_size - 1)
         if self.num_samples < 1:
@@ -52,7 +53,10 @@ class StreamSplit:
             )
 
     def epoch_offset(self, epoch: int) -> int:
-        return int(np.random.default_rng([self.seed, epoch]).integers(self.block_size))
+        if epoch not in self._offsets:  # a new generator per sample would cost more than the read
+            rng = np.random.default_rng([self.seed, epoch])
+            self._offsets[epoch] = int(rng.integers(self.block_size))
+        return self._offsets[epoch]
 
     def fetch(self, indices: np.ndarray, epochs: np.ndarray | None = None) -> tuple:
         """Inputs and targets (len(indices), block_size); epochs=None reads at offset 0 (eval)."""
@@ -62,8 +66,9 @@ class StreamSplit:
             if epochs is None
             else np.array([self.epoch_offset(int(e)) for e in epochs])
         )
-        starts = offsets + indices * self.block_size
-        windows = np.stack([tokens[s : s + self.block_size + 1] for s in starts]).astype(np.int64)
+        starts = offsets + np.asarray(indices) * self.block_size
+        # One gather of every window's positions: (n, 1) + (1, block_size + 1).
+        windows = tokens[starts[:, None] + np.arange(self.block_size + 1)].astype(np.int64)
         windows = torch.from_numpy(windows)
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
