@@ -30,25 +30,6 @@ def test_swiglu_default_width_matches_gpts_mlp_weights():
     assert sum(p.numel() for p in llama.blocks[0].mlp.parameters()) == gpt_mlp
 
 
-def test_tied_and_untied_embeddings():
-    tied = build_model(llama_config())
-    untied = build_model(llama_config(tie_embeddings=False))
-    assert tied.lm_head.weight is tied.wte.weight
-    assert untied.lm_head.weight is not untied.wte.weight
-    assert count_parameters(untied) - count_parameters(tied) == 50 * 32
-
-
-def test_a_later_token_never_changes_an_earlier_logit():
-    torch.manual_seed(0)
-    model = build_model(llama_config()).eval()
-    idx = torch.randint(0, 50, (2, 16))
-    changed = idx.clone()
-    changed[:, 9:] = torch.randint(0, 50, (2, 7))
-    before, after = model(idx), model(changed)
-    assert torch.equal(before[:, :9], after[:, :9])
-    assert not torch.allclose(before[:, 9:], after[:, 9:])
-
-
 def test_rotary_scores_depend_only_on_the_distance_between_positions():
     # Why restarting the window at position 0 past the context equals keeping absolute positions.
     cos, sin = rotary_tables(llama_config(block_size=64, rope_theta=500.0))

@@ -17,9 +17,10 @@ def test_logits_have_batch_time_vocab_shape():
     assert model(idx).shape == (3, 11, 50)
 
 
-def test_a_later_token_never_changes_an_earlier_logit():
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_a_later_token_never_changes_an_earlier_logit(arch):
     torch.manual_seed(0)
-    model = build_model(tiny_config()).eval()
+    model = build_model(tiny_config(arch=arch)).eval()
     idx = torch.randint(0, 50, (2, 16))
     changed = idx.clone()
     changed[:, 9:] = torch.randint(0, 50, (2, 7))
@@ -28,10 +29,11 @@ def test_a_later_token_never_changes_an_earlier_logit():
     assert not torch.allclose(before[:, 9:], after[:, 9:])
 
 
-def test_tied_embeddings_share_one_matrix_and_untied_do_not():
-    tied = build_model(tiny_config())
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_tied_embeddings_share_one_matrix_and_untied_do_not(arch):
+    tied = build_model(tiny_config(arch=arch))
     assert tied.lm_head.weight is tied.wte.weight
-    untied = build_model(tiny_config(tie_embeddings=False))
+    untied = build_model(tiny_config(arch=arch, tie_embeddings=False))
     assert untied.lm_head.weight is not untied.wte.weight
     assert count_parameters(untied) - count_parameters(tied) == 50 * 32
 
