@@ -15,7 +15,7 @@ import textwrap
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from models.config import ModelConfig
@@ -331,8 +331,15 @@ def load_config(argv: list[str]) -> tuple[Config, str]:
     return config, name
 
 
-def config_to_dict(config) -> dict:
-    return asdict(config)
+def dotted(values: dict, prefix: str = "") -> dict:
+    """A nested config dict as {dotted key: value}, the names --key=value overrides use."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(dotted(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 # ----------------------------------------------------------------------------------------------

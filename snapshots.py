@@ -29,7 +29,7 @@ from accelerate.utils import load as load_weights_only
 from safetensors import SafetensorError
 
 from checkpoints import finalize_directory, model_state_for_saving, verify_manifest
-from config import Config, UserError
+from config import Config, UserError, dotted
 
 SNAPSHOTS = "snapshots"
 STATE_FILE = "state.json"
@@ -155,19 +155,9 @@ def choose_snapshot(accelerator: Accelerator, out_dir: Path, resume: str) -> Pat
     return Path(value) if value else None
 
 
-def _flatten(values: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
 def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
     """(breaking, harmless) differences between a snapshot's config and this run's, as text."""
-    old, new = _flatten(old), _flatten(new)
+    old, new = dotted(old), dotted(new)
     breaking, harmless = [], []
     for key in sorted(set(old) | set(new)):
         if key in ("out_dir", "resume") or old.get(key) == new.get(key):

@@ -19,7 +19,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
-from config import Config
+from config import Config, dotted
 
 RUN_IDS_FILE = "trackers.json"
 
@@ -70,14 +70,9 @@ def wandb_run_id(out_dir: Path) -> str:
     return run_id
 
 
-def flat_config(values: dict, prefix: str = "") -> dict:
+def flat_config(values: dict) -> dict:
     """A nested config as dotted keys with scalar values: the only form TensorBoard's hparams take."""
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(flat_config(value, f"{prefix}{key}."))
-        elif isinstance(value, (list, tuple)):
-            flat[prefix + key] = json.dumps(value)
-        else:
-            flat[prefix + key] = value
-    return flat
+    return {
+        key: json.dumps(value) if isinstance(value, (list, tuple)) else value
+        for key, value in dotted(values).items()
+    }

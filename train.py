@@ -362,7 +362,6 @@ def main(argv: list[str]) -> None:
         unit_scale=True,
         disable=not accelerator.is_main_process or not sys.stderr.isatty(),
     )
-    settings: StepSettings | None = None
     while progress.tokens < total_tokens and stop_reason is None:
         settings = schedules.at(progress.tokens)
         apply_settings(optimizer, settings)
