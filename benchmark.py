@@ -15,7 +15,6 @@ batches already in memory. Rounds alternate between the two so drift in machine 
 the median step time of each is reported.
 """
 
-import argparse
 import copy
 import json
 import statistics
@@ -27,18 +26,21 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.nn import functional as F
 
-from config import UserError, load_config, run_cli
-from data import EpochSampler, open_split
-from models import count_parameters, generate, optimizer_groups
-from scheduler import RunSchedules
-from train import (
+from gptlab.cli import ArgumentParser, positive_int
+from gptlab.config import load_config
+from gptlab.data import EpochSampler, open_split
+from gptlab.errors import UserError, run_cli
+from gptlab.scheduler import RunSchedules
+from gptlab.tokenizer import Tokenizer
+from gptlab.training import (
     apply_settings,
-    build_model_and_tokenizer,
+    build_model,
     fetch_micro_batches,
     mixed_precision_mode,
     open_data,
     train_step,
 )
+from models import count_parameters, generate, optimizer_groups
 
 PROMPT_TOKENS = 16
 
@@ -66,13 +68,17 @@ def generation_speed(model: torch.nn.Module, new_tokens: int, device: torch.devi
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per round")
-    parser.add_argument("--rounds", type=int, default=9, help="timed rounds of each loop")
+    parser = ArgumentParser(prog="benchmark.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=positive_int, default=40, help="optimizer steps per round")
+    parser.add_argument("--rounds", type=positive_int, default=9, help="timed rounds of each loop")
     parser.add_argument("--output", help="write the figures as JSON to this file")
-    parser.add_argument("--generate", type=int, default=0, help="time generating N tokens instead")
+    parser.add_argument(
+        "--generate", type=positive_int, help="time generating N tokens instead of training"
+    )
     args, config_args = parser.parse_known_args(argv)
-    config, name = load_config(config_args)
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        raise UserError(f"--output {args.output}: its directory does not exist; create it first")
+    config, name, overrides = load_config(config_args)
     if args.generate and config.model.block_size < PROMPT_TOKENS + args.generate:
         raise UserError(
             f"--generate {args.generate} needs a context of {PROMPT_TOKENS + args.generate} "
@@ -84,7 +90,8 @@ def main(argv: list[str]) -> None:
     )
     set_seed(config.seed)
     meta = open_data(config, accelerator)
-    model, _ = build_model_and_tokenizer(config, meta)
+    model_overrides = {k[6:]: v for k, v in overrides.items() if k.startswith("model.")}
+    model = build_model(config, meta, Tokenizer.load(config.data.path), model_overrides)
     if args.generate:
         result = {"config": name, "device": str(accelerator.device), "new_tokens": args.generate}
         result.update(
@@ -125,13 +132,17 @@ def main(argv: list[str]) -> None:
     def ours(position: int) -> None:
         settings = schedules.at(position * step_tokens)
         apply_settings(optimizer, settings)
-        batches = fetch_micro_batches(sampler, split, position, accum, config, accelerator)
+        batches = fetch_micro_batches(
+            sampler, split, position, accum, config.batch_size, accelerator
+        )
         train_step(model, optimizer, accelerator, batches, config.optim.grad_clip)
 
     bare_batches = [
         [
             (x.to(accelerator.device), y.to(accelerator.device))
-            for x, y in fetch_micro_batches(sampler, split, p, accum, config, accelerator)
+            for x, y in fetch_micro_batches(
+                sampler, split, p, accum, config.batch_size, accelerator
+            )
         ]
         for p in range(0, args.steps * step_samples, step_samples)
     ]

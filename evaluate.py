@@ -11,39 +11,41 @@ perplexity. The data set is the one the checkpoint was trained on unless --data_
 
 import argparse
 import json
-import math
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 
-from arithmetic import OPERATORS, ArithmeticTask, count_exact_matches
-from checkpoints import load_checkpoint
-from config import UserError, run_cli
-from data import fixed_subset, open_split, read_meta
-from train import evaluate_loss
-
-TASKS = (*OPERATORS, "loss")
+from gptlab import tasks
+from gptlab.checkpoints import load_checkpoint
+from gptlab.cli import ArgumentParser, non_negative_int, positive_int
+from gptlab.data import fixed_subset, open_split, read_meta
+from gptlab.errors import UserError, run_cli
+from gptlab.tokenizer import Tokenizer
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    parser = ArgumentParser(
+        prog="evaluate.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawTextHelpFormatter,
     )
     parser.add_argument(
         "--checkpoint",
         required=True,
         help="checkpoint or run directory, or a Hugging Face GPT-2/Llama directory or hub name",
     )
-    parser.add_argument("--task", required=True, help=f"one of: {', '.join(TASKS)}")
+    parser.add_argument("--task", required=True, help=f"one of: {', '.join(tasks.all_scores())}")
     parser.add_argument("--split", default="test", help="data split to score (default: test)")
     parser.add_argument("--data_dir", help="prepared data set (default: the checkpoint's)")
-    parser.add_argument("--batch_size", type=int, default=512, help="examples per batch")
-    parser.add_argument("--max_samples", type=int, default=0, help="score only the first N; 0: all")
+    parser.add_argument("--batch_size", type=positive_int, default=512, help="examples per batch")
+    parser.add_argument(
+        "--max_samples", type=non_negative_int, default=0, help="score only the first N; 0: all"
+    )
     parser.add_argument("--output", help="write the metrics as JSON to this file")
     args = parser.parse_args(argv)
-    if args.task not in TASKS:
-        raise UserError(f"unknown task {args.task!r}; choose one of: {', '.join(TASKS)}")
+    tasks.for_score(args.task)  # an unknown task is refused before anything is loaded
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        raise UserError(f"--output {args.output}: its directory does not exist; create it first")
     return args
 
 
@@ -57,40 +59,30 @@ def main(argv: list[str]) -> None:
         )
     data_dir = Path(args.data_dir or checkpoint.data_info["dir"])
     meta = read_meta(data_dir)
+    if Tokenizer.load(data_dir).backend.get_vocab() != checkpoint.tokenizer.backend.get_vocab():
+        raise UserError(
+            f"data set {data_dir} was tokenized with another vocabulary than {args.checkpoint}; "
+            "prepare the data with the checkpoint's tokenizer"
+        )
     model = checkpoint.model.to(accelerator.device)
     split = open_split(data_dir, meta, args.split, model.config.block_size, seed=0)
     count = split.num_samples if args.max_samples <= 0 else min(args.max_samples, split.num_samples)
     indices = fixed_subset(split.num_samples, count)
+    scores, summary = tasks.for_score(args.task).score(
+        args.task, model, checkpoint.tokenizer, meta, split, indices, accelerator, args.batch_size
+    )
     result = {"checkpoint": str(checkpoint.directory), "task": args.task, "split": args.split}
-
-    if args.task == "loss":
-        loss = evaluate_loss(model, split, indices, accelerator, args.batch_size)
-        result.update(loss=loss, perplexity=math.exp(loss), samples=len(indices))
-        summary = f"loss {loss:.4f}, perplexity {math.exp(loss):.3f} on {len(indices):,} samples"
-    else:
-        trained_on = meta.get("task", {}).get("name")
-        if trained_on != args.task:
-            raise UserError(
-                f"data set {data_dir} holds {trained_on or 'text'}, not {args.task}; "
-                f"use --task {trained_on or 'loss'} or --data_dir with a {args.task} data set"
-            )
-        task = ArithmeticTask(**meta["task"])
-        shard = indices[accelerator.process_index :: accelerator.num_processes]
-        correct = count_exact_matches(
-            model, checkpoint.tokenizer, task, split.rows(shard), args.batch_size
-        )
-        totals = accelerator.reduce(
-            torch.tensor([correct, len(shard)], device=accelerator.device, dtype=torch.float64),
-            "sum",
-        )
-        correct, total = int(totals[0]), int(totals[1])
-        result.update(exact_match=correct / total, correct=correct, total=total)
-        summary = f"exact match {correct / total:.2%} ({correct:,} of {total:,})"
+    result.update(scores)
 
     if accelerator.is_main_process:
         print(f"{args.task} on {args.split} of {data_dir}: {summary}")
         if args.output:
-            Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+            try:
+                Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+            except OSError as error:
+                raise UserError(
+                    f"could not write --output {args.output}: {error.strerror}"
+                ) from None
     # Leave the process group together and tear it down before the interpreter exits: gloo
     # aborts ("terminate called without an active exception") if it is destroyed at exit.
     accelerator.wait_for_everyone()

@@ -12,8 +12,8 @@ import argparse
 
 import torch
 
-from checkpoints import load_checkpoint
-from config import UserError, run_cli
+from gptlab.checkpoints import load_checkpoint
+from gptlab.errors import UserError, run_cli
 from models import generate
 
 

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
-from config import UserError, run_cli  # noqa: E402
+from gptlab.errors import UserError, run_cli  # noqa: E402
 
 
 def read_run(path: Path) -> list[dict]:

@@ -6,11 +6,14 @@ from models.config import ModelConfig
 from models.generation import KVCache, generate, sample_next_token
 from models.gpt import GPT
 from models.llama import Llama
+from models.loss import IGNORE_INDEX, token_loss
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"gpt": GPT, "llama": Llama}
 
 __all__ = [
+    "IGNORE_INDEX",
     "ModelConfig",
+    "token_loss",
     "KVCache",
     "build_model",
     "generate",

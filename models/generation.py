@@ -94,12 +94,12 @@ def generate(
     cache = None
     for _ in range(max_new_tokens):
         if not use_cache:
-            logits = model(idx[:, -block_size:])
+            logits = model(idx[:, -block_size:], logits_to_keep=1)
         elif cache is None or cache.length + 1 > capacity:
             cache = KVCache(model.config.n_layer, capacity)
-            logits = model(idx[:, -block_size:], cache=cache)
+            logits = model(idx[:, -block_size:], cache=cache, logits_to_keep=1)
         else:
-            logits = model(idx[:, -1:], cache=cache)
+            logits = model(idx[:, -1:], cache=cache, logits_to_keep=1)
         next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
         idx = torch.cat((idx, next_token), dim=1)
     return idx

@@ -8,6 +8,7 @@ from torch.nn import functional as F
 
 from models.config import ModelConfig
 from models.generation import KVCache, causal_attention
+from models.loss import token_loss
 
 
 class CausalSelfAttention(nn.Module):
@@ -83,8 +84,16 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Logits (batch, time, vocab) for token ids idx (batch, time)."""
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        cache: KVCache | None = None,
+        logits_to_keep: int = 0,
+    ) -> Tensor:
+        """Token ids idx (batch, time) -> the summed loss against targets (batch, time) if given
+        (see models.loss), else logits (batch, time, vocab) of the last logits_to_keep positions
+        (0: all; generation keeps 1)."""
         start = cache.length if cache is not None else 0
         if start + idx.size(1) > self.config.block_size:
             raise ValueError(
@@ -96,4 +105,7 @@ class GPT(nn.Module):
             x = block(x, cache)
         if cache is not None:
             cache.length = start + idx.size(1)
-        return self.lm_head(self.ln_f(x))
+        x = self.ln_f(x)
+        if targets is not None:
+            return token_loss(self.lm_head(x), targets)
+        return self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)

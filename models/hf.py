@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from config import UserError
+from gptlab.errors import UserError
 from models.config import ModelConfig
 from models.llama import swiglu_hidden
 

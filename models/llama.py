@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from models.config import ModelConfig
 from models.generation import KVCache, causal_attention
 from models.gpt import GPT
+from models.loss import token_loss
 
 
 def swiglu_hidden(config: ModelConfig) -> int:
@@ -120,8 +121,16 @@ class Llama(nn.Module):
             if name.endswith("proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
-    def forward(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Logits (batch, time, vocab) for token ids idx (batch, time)."""
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        cache: KVCache | None = None,
+        logits_to_keep: int = 0,
+    ) -> Tensor:
+        """Token ids idx (batch, time) -> the summed loss against targets (batch, time) if given
+        (see models.loss), else logits (batch, time, vocab) of the last logits_to_keep positions
+        (0: all; generation keeps 1)."""
         start = cache.length if cache is not None else 0
         end = start + idx.size(1)
         if end > self.config.block_size:
@@ -134,4 +143,7 @@ class Llama(nn.Module):
             x = block(x, cos, sin, cache)
         if cache is not None:
             cache.length = end
-        return self.lm_head(self.norm_f(x))
+        x = self.norm_f(x)
+        if targets is not None:
+            return token_loss(self.lm_head(x), targets)
+        return self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)

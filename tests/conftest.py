@@ -68,7 +68,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="session")
 def adder_dir(tmp_path_factory) -> Path:
     """2-digit addition (10,000 pairs), prepared once per test session."""
-    from prepare_data import prepare_arithmetic
+    from gptlab.tasks.arithmetic import prepare_arithmetic
 
     return prepare_arithmetic("adder", tmp_path_factory.mktemp("data") / "adder2", digits=2)
 
@@ -76,7 +76,7 @@ def adder_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def shakespeare_dir(tmp_path_factory) -> Path:
     """Tiny Shakespeare with a character vocabulary, from the shared copy."""
-    from prepare_data import prepare_text
+    from gptlab.tasks.text import prepare_text
 
     source = SHARED_DATA / "tinyshakespeare" / "input.txt"
     return prepare_text(str(source), "char", tmp_path_factory.mktemp("data") / "shakespeare")

@@ -7,12 +7,12 @@ import torch
 from accelerate import Accelerator
 from torch.nn import functional as F
 
-from config import Config
 from conftest import REPO, TINY_MODEL, read_metrics, run_script
-from data import IGNORE_INDEX, EpochSampler, open_split, read_meta
+from gptlab.config import Config
+from gptlab.data import IGNORE_INDEX, EpochSampler, open_split, read_meta
+from gptlab.scheduler import RunSchedules, ScheduleConfig
+from gptlab.training import fetch_micro_batches, train_step
 from models import ModelConfig, build_model
-from scheduler import RunSchedules, ScheduleConfig
-from train import fetch_micro_batches, train_step
 
 
 class GradientRecorder:
@@ -88,7 +88,9 @@ def test_growing_accumulation_equals_one_big_batch_step_by_step(adder_dir):
     accumulation_steps, used_rows = [], []
     while tokens < schedules.total_tokens:
         accum = schedules.at(tokens).grad_accum
-        micro_batches = fetch_micro_batches(sampler, split, position, accum, config, accelerator)
+        micro_batches = fetch_micro_batches(
+            sampler, split, position, accum, config.batch_size, accelerator
+        )
         train_step(model, recorder, accelerator, micro_batches, 0.0)
         epochs, indices = sampler.positions(position, accum * config.batch_size)
         big_inputs, big_targets = split.fetch(indices, epochs)

@@ -8,13 +8,14 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-import checkpoints
-from config import Config, UserError
+from gptlab import checkpoints
+from gptlab.config import Config
+from gptlab.errors import UserError
+from gptlab.scheduler import EarlyStopConfig, EarlyStopping
+from gptlab.snapshots import Snapshots, snapshot_dirs, verify_snapshot
+from gptlab.tokenizer import Tokenizer
+from gptlab.training import Progress, train_step
 from models import ModelConfig, build_model
-from scheduler import EarlyStopConfig, EarlyStopping
-from snapshots import Snapshots, snapshot_dirs, verify_snapshot
-from tokenizer import Tokenizer
-from train import Progress, train_step
 
 TINY = ModelConfig(vocab_size=13, n_layer=1, n_head=2, n_embd=16, block_size=8, dropout=0.0)
 
@@ -88,8 +89,8 @@ def test_a_non_finite_step_is_skipped_when_configured(accelerator):
             super().__init__()
             self.inner = model
 
-        def forward(self, inputs):
-            return self.inner(inputs) * math.inf
+        def forward(self, inputs, targets):
+            return self.inner(inputs, targets) * math.inf
 
     batch = [(torch.randint(0, 13, (4, 8)), torch.randint(0, 13, (4, 8)))]
     loss, tokens, _ = train_step(Diverged(), optimizer, accelerator, batch, 1.0, True)

@@ -2,21 +2,22 @@ import json
 
 import pytest
 
-from config import Config, UserError, build, help_text, load_config, parse_overrides
 from conftest import REPO, run_script
+from gptlab.config import Config, build, help_text, load_config, parse_overrides
+from gptlab.errors import UserError
 
 
 def test_defaults_from_file_and_command_line_overrides(tmp_path):
     path = tmp_path / "mine.json"
     path.write_text(json.dumps({"model": {"n_layer": 3}, "max_steps": 10, "lr": {"peak": 0.01}}))
-    config, name = load_config(
+    config, name, _ = load_config(
         ["--config", str(path), "--model.n_layer=5", "--batch_size", "7", "--compile"]
     )
     assert name == "mine"
     assert config.model.n_layer == 5 and config.batch_size == 7 and config.compile is True
     assert config.lr.peak == 0.01 and config.model.n_head == Config().model.n_head
     assert config.out_dir == "out/mine"
-    config, _ = load_config(["--config", str(path), "--out_dir=/somewhere", "--lr.end=null"])
+    config, _, _ = load_config(["--config", str(path), "--out_dir=/somewhere", "--lr.end=null"])
     assert config.out_dir == "/somewhere" and config.lr.end is None
 
 

@@ -3,10 +3,10 @@ import json
 import numpy as np
 import pytest
 
-from arithmetic import ArithmeticTask
-from data import IGNORE_INDEX, EpochSampler, fixed_subset, open_split, read_meta
-from prepare_data import prepare_arithmetic, prepare_text, token_dtype
-from tokenizer import Tokenizer
+from gptlab.data import IGNORE_INDEX, EpochSampler, fixed_subset, open_split, read_meta, token_dtype
+from gptlab.tasks.arithmetic import ArithmeticTask, prepare_arithmetic
+from gptlab.tasks.text import prepare_text
+from gptlab.tokenizer import Tokenizer
 
 
 def test_arithmetic_splits_cover_every_pair_once(adder_dir):
@@ -114,7 +114,7 @@ def test_large_vocabularies_use_uint32():
 
 
 def test_an_existing_data_set_is_not_overwritten_by_mistake(adder_dir):
-    from config import UserError
+    from gptlab.errors import UserError
 
     before = (adder_dir / "train.bin").stat().st_mtime_ns
     with pytest.raises(UserError, match="--overwrite"):

@@ -16,11 +16,11 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from checkpoints import load_checkpoint, save_checkpoint
-from config import UserError
 from conftest import REPO, SHARED_DATA, read_metrics, run_script
+from gptlab.checkpoints import load_checkpoint, save_checkpoint
+from gptlab.errors import UserError
+from gptlab.tokenizer import Tokenizer
 from models import generate
-from tokenizer import Tokenizer
 
 GPT2_TOKENIZER = SHARED_DATA / "gpt2-tokenizer"
 PROMPT = "First Citizen:\nBefore we proceed"
@@ -270,7 +270,7 @@ def test_sharded_safetensors_and_pytorch_bin_weights_load_alike(tmp_path):
 
 
 def test_checkpoints_saved_with_our_own_names_before_the_bridge_still_load(tmp_path):
-    from checkpoints import write_directory_atomically
+    from gptlab.storage import write_directory_atomically
     from models import ModelConfig, build_model
 
     torch.manual_seed(0)

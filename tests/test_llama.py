@@ -70,10 +70,10 @@ def test_config_problems_for_llama():
 
 
 def test_the_303m_config_builds_with_its_parameter_count():
-    from config import load_config
     from conftest import REPO
+    from gptlab.config import load_config
 
-    config, _ = load_config(["--config", str(REPO / "configs" / "llama_303m.json")])
+    config, _, _ = load_config(["--config", str(REPO / "configs" / "llama_303m.json")])
     with torch.device("meta"):  # shapes only: no memory, no initialisation time
         model = build_model(config.model)
     assert count_parameters(model) == 303_219_712

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mfu import Throughput, flops_per_token, matmul_precision, peak_tflops
+from gptlab.mfu import Throughput, flops_per_token, matmul_precision, peak_tflops
 from models import ModelConfig, build_model, count_parameters
 
 

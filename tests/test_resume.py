@@ -15,8 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from checkpoints import MANIFEST_FILE, load_checkpoint, sha256_of
 from conftest import REPO, TINY_MODEL, read_metrics, run_script
+from gptlab.checkpoints import load_checkpoint
+from gptlab.storage import MANIFEST_FILE, sha256_of
 
 pytestmark = pytest.mark.slow
 
@@ -311,7 +312,7 @@ def save(obj, f, *args, **kwargs):  # the disk fills up during the optimizer fil
 
 checkpointing.save = save
 import train
-from config import run_cli
+from gptlab.errors import run_cli
 sys.argv = ["train.py", *sys.argv[1:]]
 run_cli(train.main)
 """

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler import STYLES, EarlyStopConfig, EarlyStopping, RunSchedules, ScheduleConfig
+from gptlab.scheduler import STYLES, EarlyStopConfig, EarlyStopping, RunSchedules, ScheduleConfig
 
 
 def schedule(**values) -> ScheduleConfig:

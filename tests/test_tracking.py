@@ -158,10 +158,10 @@ def test_wandb_offline_run_gets_the_figures_config_name_and_tags(tracked_run):
 RESTART_SCRIPT = """
 import sys
 from accelerate import Accelerator
-import tracking
-from config import load_config
+from gptlab import tracking
+from gptlab.config import load_config
 
-config, _ = load_config(sys.argv[1:])
+config, _, _ = load_config(sys.argv[1:])
 accelerator = Accelerator(**tracking.accelerator_options(config))
 tracking.start_trackers(accelerator, config)
 accelerator.log({"probe": 0.5}, step=config.seed)  # a later start logs later steps

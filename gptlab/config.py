@@ -10,29 +10,15 @@ import difflib
 import functools
 import inspect
 import json
-import sys
 import textwrap
 import types
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
+from gptlab.errors import UserError
+from gptlab.scheduler import EarlyStopConfig, ScheduleConfig
 from models.config import ModelConfig
-from scheduler import EarlyStopConfig, ScheduleConfig
-
-
-class UserError(Exception):
-    """A problem with the user's input: reported as one line, exit code 2, no traceback."""
-
-
-def run_cli(main: Callable[[list[str]], None]) -> None:
-    """Run a script's main(argv), turning a UserError into a one-line message and exit code 2."""
-    try:
-        main(sys.argv[1:])
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 @dataclass
@@ -294,8 +280,9 @@ def _set_dotted(values: dict, dotted_key: str, value) -> None:
     values[leaf] = value
 
 
-def load_config(argv: list[str]) -> tuple[Config, str]:
-    """Read --config FILE (optional) and --key=value overrides; return the validated config and its name."""
+def load_config(argv: list[str]) -> tuple[Config, str, dict]:
+    """Read --config FILE (optional) and --key=value overrides; return the validated config, its
+    name, and the command line's overrides as {dotted key: value}."""
     args = list(argv)
     config_path = None
     for i, arg in enumerate(args):
@@ -320,7 +307,8 @@ def load_config(argv: list[str]) -> tuple[Config, str]:
         except json.JSONDecodeError as error:
             raise UserError(f"config file {config_path} is not valid JSON: {error}") from None
         name = path.stem
-    for key, value in parse_overrides(args).items():
+    overrides = parse_overrides(args)
+    for key, value in overrides.items():
         _set_dotted(values, key, value)
     config = build(Config, values)
     if not config.out_dir:
@@ -328,7 +316,7 @@ def load_config(argv: list[str]) -> tuple[Config, str]:
     problems = config.problems()
     if problems:
         raise UserError("; ".join(problems))
-    return config, name
+    return config, name, overrides
 
 
 def dotted(values: dict, prefix: str = "") -> dict:

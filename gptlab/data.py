@@ -11,25 +11,71 @@ The memmap is opened anew for every batch, so reading never accumulates resident
 """
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from config import UserError
+from gptlab import storage
+from gptlab.errors import UserError
+from gptlab.tokenizer import Tokenizer
+from models.loss import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+DTYPES = ("uint16", "uint32")
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def is_data_set(directory: Path) -> bool:
+    return (Path(directory) / "meta.json").is_file()
+
+
+def write_data_set(
+    out_dir: Path,
+    tokenizer: Tokenizer,
+    fill: Callable[[Path], dict],
+    overwrite: bool = False,
+    reads_from: Iterable[Path] = (),
+) -> Path:
+    """Build a data directory: fill(tmp_dir) writes the token files and returns the meta fields;
+    the tokenizer and meta.json are added and the whole directory is moved into place at once.
+    Only an absent or empty directory, or an existing data set with overwrite, is written."""
+    out_dir = Path(out_dir)
+    storage.check_output_dir(out_dir, "data set", is_data_set, reads_from)
+    if is_data_set(out_dir) and not overwrite:
+        raise UserError(f"data set {out_dir} already exists; pass --overwrite to replace it")
+
+    def build(tmp_dir: Path) -> None:
+        meta = {**fill(tmp_dir), "vocab_size": tokenizer.vocab_size}
+        tokenizer.save(tmp_dir)
+        (tmp_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    return storage.write_directory_atomically(out_dir, build)
 
 
 def read_meta(data_dir: Path) -> dict:
+    """The data set's meta.json, checked to describe a data set we can read."""
     meta_path = Path(data_dir) / "meta.json"
     if not meta_path.is_file():
         raise UserError(
             f"no prepared data set in {data_dir}; run `python prepare_data.py {Path(data_dir).name}` "
             "(or see `python prepare_data.py --help`)"
         )
-    return json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        fmt, dtype, vocab = meta["format"], meta["dtype"], meta["vocab_size"]
+        valid = fmt in ("stream", "examples") and dtype in DTYPES and isinstance(vocab, int)
+        if fmt == "examples":
+            valid = valid and isinstance(meta["example_length"], int) and meta["example_length"] > 1
+    except (ValueError, KeyError, TypeError):
+        valid = False
+    if not valid:
+        raise UserError(f"{meta_path} is corrupt; prepare the data set again with prepare_data.py")
+    return meta
 
 
 @dataclass
@@ -42,7 +88,7 @@ class StreamSplit:
     seed: int
 
     def __post_init__(self):
-        self.n_tokens = self.path.stat().st_size // np.dtype(self.dtype).itemsize
+        self.n_tokens = token_count(self.path, self.dtype, 1)
         self._offsets: dict[int, int] = {}
         # One window of room at the end, so every epoch offset in [0, block_size) fits.
         self.num_samples = max(0, (self.n_tokens - 1) // self.block_size - 1)
@@ -83,8 +129,14 @@ class ExampleSplit:
 
     def __post_init__(self):
         self.mask_path = self.path.with_name(self.path.stem + "_mask.bin")
-        itemsize = np.dtype(self.dtype).itemsize
-        self.num_samples = self.path.stat().st_size // (itemsize * self.example_length)
+        self.num_samples = token_count(self.path, self.dtype, self.example_length)
+        if not self.mask_path.is_file() or self.mask_path.stat().st_size != (
+            self.num_samples * self.example_length
+        ):
+            raise UserError(
+                f"{self.mask_path} is missing or does not match {self.path.name}; prepare the "
+                "data set again with prepare_data.py"
+            )
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
         tokens = np.memmap(self.path, dtype=self.dtype, mode="r").reshape(-1, self.example_length)
@@ -101,12 +153,31 @@ class ExampleSplit:
 Split = StreamSplit | ExampleSplit
 
 
+def token_count(path: Path, dtype: str, row_length: int) -> int:
+    """Rows of row_length tokens in a token file, refusing a file cut short or of an odd size."""
+    row_bytes = np.dtype(dtype).itemsize * row_length
+    size = path.stat().st_size
+    if size % row_bytes:
+        raise UserError(
+            f"{path} is truncated or corrupt ({size} bytes is not a whole number of "
+            f"{dtype} rows of {row_length}); prepare the data set again with prepare_data.py"
+        )
+    return size // row_bytes
+
+
 def open_split(data_dir: Path, meta: dict, split: str, block_size: int, seed: int) -> Split:
     path = Path(data_dir) / f"{split}.bin"
     if not path.is_file():
         raise UserError(f"{path} is missing; prepare the data set again with prepare_data.py")
     if meta["format"] == "stream":
-        return StreamSplit(path, meta["dtype"], block_size, seed)
+        split_data = StreamSplit(path, meta["dtype"], block_size, seed)
+        expected = meta.get("splits", {}).get(split)
+        if expected is not None and expected != split_data.n_tokens:
+            raise UserError(
+                f"{path} holds {split_data.n_tokens} tokens but meta.json says {expected}; "
+                "prepare the data set again with prepare_data.py"
+            )
+        return split_data
     if meta["example_length"] - 1 > block_size:
         raise UserError(
             f"examples of {meta['example_length'] - 1} input tokens do not fit model.block_size "

@@ -1,4 +1,5 @@
-"""Experiment trackers (wandb, TensorBoard) through Accelerate, and the wandb run id of a run.
+"""The run's log: metrics.jsonl, experiment trackers (wandb, TensorBoard) through Accelerate,
+and the wandb run id of a run.
 
 train.py passes `accelerator_options(config)` to its Accelerator and calls `start_trackers` once
 the run directory exists; every log event then reaches the trackers through `accelerator.log`.
@@ -18,10 +19,39 @@ from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
+from tqdm import tqdm
 
-from config import Config, dotted
+from gptlab.config import Config, dotted
+from gptlab.errors import UserError
 
 RUN_IDS_FILE = "trackers.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+class RunLog:
+    """Log events: appended to out_dir/metrics.jsonl and sent to Accelerate's trackers."""
+
+    def __init__(self, accelerator: Accelerator, out_dir: Path):
+        self.accelerator = accelerator
+        self.path = Path(out_dir) / METRICS_FILE
+
+    def write(self, event: dict) -> None:
+        if self.accelerator.is_main_process:
+            try:
+                with open(self.path, "a") as file:
+                    file.write(json.dumps(event) + "\n")
+            except OSError as error:
+                raise UserError(
+                    f"could not write {self.path} ({error.strerror}); free some space or fix "
+                    "the permissions, then rerun the same command to resume"
+                ) from None
+        self.accelerator.log({k: v for k, v in event.items() if k != "step"}, step=event["step"])
+
+    def say(self, message: str, step: int) -> None:
+        """Print a message and keep it in metrics.jsonl, so the log tells the whole story."""
+        if self.accelerator.is_main_process:
+            tqdm.write(message)
+            self.write({"step": step, "message": message})
 
 
 def accelerator_options(config: Config) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers
 
-from config import UserError
+from gptlab.errors import UserError
 
 SPECIAL_TOKENS = ("<|endoftext|>",)
 

@@ -28,8 +28,10 @@ from accelerate.utils import broadcast_object_list
 from accelerate.utils import load as load_weights_only
 from safetensors import SafetensorError
 
-from checkpoints import finalize_directory, model_state_for_saving, verify_manifest
-from config import Config, UserError, dotted
+from gptlab import storage
+from gptlab.checkpoints import model_state_for_saving
+from gptlab.config import Config, dotted
+from gptlab.errors import UserError
 
 SNAPSHOTS = "snapshots"
 STATE_FILE = "state.json"
@@ -72,7 +74,7 @@ def verify_snapshot(directory: Path) -> dict:
     directory = Path(directory)
     if not (directory / STATE_FILE).is_file():
         raise UserError(f"{directory} is not a snapshot: it has no {STATE_FILE}")
-    verify_manifest(directory)
+    storage.verify_manifest(directory)
     for path in sorted(directory.iterdir()):
         if path.suffix in PICKLED:
             try:  # Accelerate's loader: weights_only=True, numpy arrays allowed for RNG states
@@ -138,12 +140,33 @@ def _choose(out_dir: Path, resume: str) -> Path | None:
     return None
 
 
-def choose_snapshot(accelerator: Accelerator, out_dir: Path, resume: str) -> Path | None:
-    """Pick the snapshot to resume from on the main process and share the choice with all."""
+def is_run_dir(directory: Path) -> bool:
+    """Whether a directory is a training run of ours (its resolved config.json, or a run's files)."""
+    try:
+        config = json.loads((Path(directory) / "config.json").read_text())
+        ours = isinstance(config, dict) and {"model", "data", "optim", "lr"} <= set(config)
+    except (OSError, ValueError):
+        ours = False
+    return ours or holds_run(directory)
+
+
+def _reads_from(config: Config) -> list[Path]:
+    """What a run reads and so must never write into: its data set and its starting checkpoint."""
+    sources = [config.data.path]
+    if config.init_from and Path(config.init_from).exists():
+        sources.append(Path(config.init_from).resolve())
+    return sources
+
+
+def choose_snapshot(accelerator: Accelerator, config: Config) -> Path | None:
+    """Check the run directory may be written, and pick the snapshot to resume from, on the main
+    process; every process gets the same answer (or the same error)."""
+    out_dir = Path(config.out_dir)
     choice: list = [None]
     if accelerator.is_main_process:
         try:
-            directory = _choose(Path(out_dir), resume)
+            storage.check_output_dir(out_dir, "training run", is_run_dir, _reads_from(config))
+            directory = _choose(out_dir, config.resume)
             choice = [("ok", str(directory) if directory else None)]
         except UserError as error:
             choice = [("error", str(error))]
@@ -153,6 +176,14 @@ def choose_snapshot(accelerator: Accelerator, out_dir: Path, resume: str) -> Pat
     if status == "error":
         raise UserError(value)
     return Path(value) if value else None
+
+
+def rerun_hint(out_dir: Path) -> str:
+    """What rerunning the same command does after an interruption."""
+    valid = [d for d in snapshot_dirs(out_dir) if _problem_of(d) is None]
+    if valid:
+        return f"rerun the same command to continue from {valid[0]}"
+    return "rerun the same command to start again"
 
 
 def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
@@ -241,7 +272,7 @@ class Snapshots:
                     "config": asdict(self.config),
                 }
                 (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=2) + "\n")
-                finalize_directory(tmp, target)
+                storage.finalize_directory(tmp, target)
                 self._drop_old()
         except WRITE_ERRORS as failure:
             error = failure
@@ -277,16 +308,12 @@ class Snapshots:
 
     def _drop_old(self) -> None:
         """Keep the newest keep_snapshots; rename before deleting so a crash leaves no half."""
-        for old in snapshot_dirs(self.out_dir)[self.config.keep_snapshots :]:
-            doomed = old.with_name(f".tmp-drop-{old.name}")
-            os.replace(old, doomed)
-            shutil.rmtree(doomed)
+        storage.keep_first(snapshot_dirs(self.out_dir), self.config.keep_snapshots)
 
     def clean_leftovers(self) -> None:
         """Remove temporary directories that a crash during a save left (main process)."""
         for parent in (self.root, self.out_dir / "checkpoints"):
-            for tmp in parent.glob(".tmp-*") if parent.is_dir() else []:
-                shutil.rmtree(tmp, ignore_errors=True)
+            storage.remove_leftovers(parent)
 
     def restore(self, directory: Path, progress, early_stopping, log) -> str | None:
         """Load a snapshot into the prepared model, optimizer, progress and early stopping.

@@ -16,12 +16,9 @@ Writes go to a temporary sibling directory that is renamed into place once compl
 so a crash leaves either the old state or the new one, never a half-written checkpoint.
 """
 
-import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,53 +27,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from config import UserError
+from gptlab import storage
+from gptlab.errors import UserError
+from gptlab.tokenizer import Tokenizer
 from models import ModelConfig, build_model, hf
-from tokenizer import Tokenizer
 
 MODEL_FILE = "model.safetensors"
-MANIFEST_FILE = "manifest.json"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_directory_atomically(target: Path, fill) -> None:
-    """Create target by fill(tmp_dir) in a temporary sibling, add a manifest, flush, and rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-    try:
-        tmp_dir.chmod(0o755)
-        fill(tmp_dir)
-        finalize_directory(tmp_dir, target)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
-def finalize_directory(tmp_dir: Path, target: Path) -> None:
-    """Add a manifest to a complete tmp_dir, flush everything to disk, and rename it to target."""
-    files = sorted(p for p in tmp_dir.iterdir() if p.is_file())
-    manifest = {"files": {p.name: sha256_of(p) for p in files}}
-    (tmp_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    for path in [*files, tmp_dir / MANIFEST_FILE, tmp_dir]:
-        _fsync(path)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp_dir, target)
-    _fsync(target.parent)
 
 
 def model_state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -104,7 +60,7 @@ def save_checkpoint(
         (tmp_dir / "data.json").write_text(json.dumps(data_info, indent=2) + "\n")
         tokenizer.save(tmp_dir)
 
-    write_directory_atomically(Path(directory), fill)
+    storage.write_directory_atomically(Path(directory), fill)
 
 
 def looks_like_hub_name(name: str) -> bool:
@@ -132,15 +88,6 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     )
 
 
-def verify_manifest(directory: Path) -> None:
-    manifest_path = directory / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise UserError(f"{directory} has no {MANIFEST_FILE}: the checkpoint is incomplete")
-    for name, digest in json.loads(manifest_path.read_text())["files"].items():
-        if not (directory / name).is_file() or sha256_of(directory / name) != digest:
-            raise UserError(f"{directory / name} is missing or corrupt (checksum mismatch)")
-
-
 @dataclass
 class Checkpoint:
     model: nn.Module
@@ -150,7 +97,7 @@ class Checkpoint:
     directory: Path
 
 
-def load_checkpoint(path: str | Path, dropout: float | None = None) -> Checkpoint:
+def load_checkpoint(path: str | Path) -> Checkpoint:
     """Load a checkpoint onto the CPU, in eval mode: one of ours (a checkpoint or run directory,
     verified against its manifest) or a Hugging Face GPT-2 / Llama model directory or hub name."""
     directory = resolve_checkpoint_dir(path)
@@ -159,7 +106,7 @@ def load_checkpoint(path: str | Path, dropout: float | None = None) -> Checkpoin
     hf_config = json.loads((directory / "config.json").read_text())
     ours = "gptlab" in hf_config
     if ours:  # written by save_checkpoint: our exact config, checksums to verify
-        verify_manifest(directory)
+        storage.verify_manifest(directory)
         model_config = ModelConfig(**hf_config["gptlab"])
         state = load_file(directory / MODEL_FILE, device="cpu")
         info = {k: v for k, v in hf_config.items() if k in ("step", "val_loss")}
@@ -169,8 +116,6 @@ def load_checkpoint(path: str | Path, dropout: float | None = None) -> Checkpoin
         state = hf.read_hf_weights(directory)
         info = {"source": str(path)}
         data_info = {}
-    if dropout is not None:
-        model_config.dropout = dropout
     model = build_model(model_config)
     if "wte.weight" not in state:  # checkpoints written before the bridge hold our own names
         state = hf.from_hf_state(state, model_config, str(directory))
@@ -201,7 +146,7 @@ class CheckpointRotator:
         found = []
         for directory in self.root.glob("step-*") if self.root.is_dir() else []:
             config_path = directory / "config.json"
-            if (directory / MANIFEST_FILE).is_file() and config_path.is_file():
+            if (directory / storage.MANIFEST_FILE).is_file() and config_path.is_file():
                 info = json.loads(config_path.read_text())
                 found.append((info["val_loss"], info["step"], directory))
         return sorted(found, key=lambda item: (item[0], item[1]))
@@ -236,11 +181,7 @@ class CheckpointRotator:
                 ) from None
         kept = self.kept()
         if self.keep_best:
-            for _, _, old in kept[self.keep_best :]:
-                # Renamed first: a crash while deleting must not leave a checkpoint that looks whole.
-                doomed = old.with_name(f".tmp-drop-{old.name}")
-                os.replace(old, doomed)
-                shutil.rmtree(doomed)
+            storage.keep_first([directory for _, _, directory in kept], self.keep_best)
             kept = kept[: self.keep_best]
         if kept:
             self._point("best", kept[0][2])
@@ -253,3 +194,36 @@ class CheckpointRotator:
         tmp.unlink(missing_ok=True)
         os.symlink(os.path.relpath(target, self.out_dir), tmp)
         os.replace(tmp, link)
+
+
+FINETUNE_CHANGES = ("dropout", "block_size")
+"""Model keys a fine-tuning run may change on the command line; every other one is the checkpoint's."""
+
+
+def adapt_for_finetuning(model: nn.Module, changes: dict, source: str) -> nn.Module:
+    """The checkpoint's model with the command line's model.* changes that fine-tuning allows:
+    another dropout, or a shorter context (the GPT's position table cropped, as nanoGPT's
+    crop_block_size). Any other change would not match the weights and is refused."""
+    config = ModelConfig(**asdict(model.config))
+    for key, value in changes.items():
+        if value == getattr(config, key):
+            continue
+        if key not in FINETUNE_CHANGES:
+            raise UserError(
+                f"--model.{key} cannot change when fine-tuning from {source} (it is "
+                f"{getattr(config, key)!r} there); drop the option, or train from scratch"
+            )
+        if key == "block_size" and value > config.block_size:
+            raise UserError(
+                f"--model.block_size={value} is longer than the {config.block_size} positions "
+                f"{source} was trained with; use at most {config.block_size}"
+            )
+        setattr(config, key, value)
+    if config == model.config:
+        return model
+    state = model.state_dict()
+    if "wpe.weight" in state:
+        state["wpe.weight"] = state["wpe.weight"][: config.block_size]
+    adapted = build_model(config)
+    adapted.load_state_dict(state)
+    return adapted

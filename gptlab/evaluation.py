@@ -1,0 +1,70 @@
+"""Scoring during training and in evaluate.py: the val loss over a fixed subset, shared out over
+processes, and the per-evaluation event (val loss plus the task's own score)."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from gptlab.data import Split
+from models import IGNORE_INDEX
+
+LOGITS_BUDGET = 1 << 28
+"""Most logits one evaluation forward pass may hold (1 GiB in fp32): a GPT-2 vocabulary at a
+context of 1024 allows 5 windows at a time, whatever --batch_size asks for."""
+
+
+def windows_per_forward(model: torch.nn.Module, batch_size: int) -> int:
+    """Windows per forward pass: batch_size, or fewer where their logits would exceed the budget."""
+    per_window = model.config.block_size * model.config.vocab_size
+    return max(1, min(batch_size, LOGITS_BUDGET // per_window))
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: torch.nn.Module, split: Split, indices, accelerator: Accelerator, batch_size: int
+) -> float:
+    """Mean token loss over the fixed subset `indices`, shared out over and summed across processes."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    shard = indices[accelerator.process_index :: accelerator.num_processes]
+    step = windows_per_forward(model, batch_size)
+    for start in range(0, len(shard), step):
+        inputs, targets = split.fetch(shard[start : start + step])
+        targets = targets.to(accelerator.device)
+        totals[0] += model(inputs.to(accelerator.device), targets).double()
+        totals[1] += (targets != IGNORE_INDEX).sum()
+    totals = accelerator.reduce(totals, "sum")
+    model.train(was_training)
+    return (totals[0] / totals[1]).item()
+
+
+@dataclass
+class Evaluator:
+    """What every macro-batch is scored on: the val loss of a fixed val subset, plus the data
+    set's own metrics (for example exact match for arithmetic, from its task module)."""
+
+    val_split: Split
+    val_indices: np.ndarray
+    batch_size: int
+    task_metrics: Callable[[torch.nn.Module, Accelerator], dict] | None = None
+
+    def __call__(self, model, raw_model, accelerator: Accelerator, step: int, tokens: int) -> dict:
+        """The eval event after `step`, the same on every process.
+
+        `model` is the compiled model without DDP (processes may get uneven shares, so no
+        collective forward); task metrics use the plain `raw_model` (decoding uses its KV cache).
+        """
+        event = {"step": step, "tokens": tokens}
+        event["val_loss"] = evaluate_loss(
+            model, self.val_split, self.val_indices, accelerator, self.batch_size
+        )
+        if self.task_metrics is not None:
+            was_training = raw_model.training
+            raw_model.eval()
+            event.update(self.task_metrics(raw_model, accelerator))
+            raw_model.train(was_training)
+        return event
