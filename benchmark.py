@@ -1,69 +1,140 @@
 """Training throughput of a config, and the overhead of train.py over a bare PyTorch loop.
 
     python benchmark.py --config configs/shakespeare_cpu.json [--steps 40] [--rounds 9] [--key=value ...]
-    python benchmark.py --config configs/shakespeare_cpu.json --generate 512 --model.block_size=528
-
-With --generate N it measures sampling instead: greedy generation of N tokens after a 16-token
-prompt, batch 1, with the key-value cache and without it (every step reruns the whole context).
-The model's context must hold prompt + N, so both paths attend to the same tokens.
+    python benchmark.py --config configs/gpt2_124m.json          # random tokens: no data set needed
+    python benchmark.py --config configs/shakespeare_cpu.json --generate 48 [--checkpoint out/shakespeare_cpu]
 
 Both loops train identical copies of the model on the same batches with the same optimizer. The
-train.py side runs its whole step: schedule lookup, reading the micro-batches from the memmap
-through the sampler, and `train_step` under Accelerate (real-token loss normalisation, gradient
-clipping). The bare side runs forward, mean loss, backward, clipping and the optimizer step on
-batches already in memory. Rounds alternate between the two so drift in machine speed hits both;
-the median step time of each is reported.
+train.py side runs its whole step: schedule lookup, reading the micro-batches through the sampler
+and the background reader, and `train_step` under Accelerate (real-token loss normalisation,
+gradient clipping). The bare side runs forward (with the loss), backward, clipping and the
+optimizer step on batches already on the device. Rounds alternate between the two so drift in
+machine speed hits both; the median step time of each is reported, with MFU on GPUs whose peak
+is known and the peak memory of one training (GPU memory allocated; on a CPU the process's
+resident memory). Without the config's data set, or with --random_tokens, both train on random
+tokens of the model's vocabulary (model.vocab_size must be set then).
+
+With --generate N it measures sampling instead: greedy generation of N tokens after a 16-token
+prompt, batch 1, with our key-value cache, without it (every step reruns the whole context), and
+with transformers' `generate` on the same model exported as a checkpoint (the model of
+--checkpoint, or a fresh one of the config). The model's context must hold prompt + N.
 """
 
 import copy
 import json
+import resource
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.nn import functional as F
 
+import models
+from gptlab.checkpoints import load_checkpoint, save_checkpoint
 from gptlab.cli import ArgumentParser, positive_int
 from gptlab.config import load_config
-from gptlab.data import EpochSampler, open_split
+from gptlab.data import EpochSampler, is_data_set, open_split
 from gptlab.errors import UserError, run_cli
+from gptlab.mfu import Throughput
 from gptlab.scheduler import RunSchedules
 from gptlab.tokenizer import Tokenizer
 from gptlab.training import (
+    BatchReader,
     apply_settings,
     build_model,
-    fetch_micro_batches,
+    make_optimizer,
     mixed_precision_mode,
     open_data,
+    padded_vocab_size,
     train_step,
+    use_cpu_cores,
+    use_fast_matmuls,
 )
-from models import count_parameters, generate, optimizer_groups
+from models import count_parameters, generate
 
 PROMPT_TOKENS = 16
 
 
-def generation_speed(model: torch.nn.Module, new_tokens: int, device: torch.device) -> dict:
-    """Tokens/s of greedy generation with and without the cache (each after a short warm-up)."""
+class RandomTokens:
+    """A stand-in for a token-stream split: windows of uniformly random tokens, held in memory."""
+
+    def __init__(self, vocab_size: int, block_size: int, num_samples: int, seed: int):
+        rng = np.random.default_rng(seed)
+        self.windows = torch.from_numpy(rng.integers(0, vocab_size, (num_samples, block_size + 1)))
+        self.num_samples, self.block_size = num_samples, block_size
+
+    def fetch(self, indices: np.ndarray, epochs=None) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.windows[torch.as_tensor(indices)]
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+    def target_count(self, indices: np.ndarray) -> int:
+        return len(indices) * self.block_size
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+
+
+def generation_speed(model: torch.nn.Module, tokenizer: Tokenizer, new_tokens: int) -> dict:
+    """Tokens/s of greedy generation with and without our cache, and with transformers' generate
+    on the same weights (each after a short warm-up), and whether all give the same tokens."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    device = next(model.parameters()).device
     model.eval()
-    prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT_TOKENS), device=device)
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, tokenizer.vocab_size, (1, PROMPT_TOKENS), generator=generator)
+    prompt = prompt.to(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(Path(tmp) / "model", model, tokenizer, {}, {})
+        theirs = AutoModelForCausalLM.from_pretrained(Path(tmp) / "model").to(device).eval()
+
+    def hf_generate(count: int) -> torch.Tensor:
+        with torch.no_grad():
+            return theirs.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=count,
+                min_new_tokens=count,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=0,
+            )
+
+    ways = {
+        "cache": lambda n: generate(model, prompt, n, temperature=0.0, use_cache=True),
+        "no_cache": lambda n: generate(model, prompt, n, temperature=0.0, use_cache=False),
+        "transformers": hf_generate,
+    }
     rates, outputs = {}, {}
-    for use_cache in (True, False):
-        generate(model, prompt, 8, temperature=0.0, use_cache=use_cache)  # warm up
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+    for name, run in ways.items():
+        run(8)  # warm up
+        synchronize()
         start = time.perf_counter()
-        outputs[use_cache] = generate(model, prompt, new_tokens, 0.0, use_cache=use_cache)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        rates[use_cache] = new_tokens / (time.perf_counter() - start)
+        outputs[name] = run(new_tokens)
+        synchronize()
+        rates[name] = new_tokens / (time.perf_counter() - start)
     return {
-        "cache_tokens_per_sec": rates[True],
-        "no_cache_tokens_per_sec": rates[False],
-        "speedup": rates[True] / rates[False],
-        "same_tokens": torch.equal(outputs[True], outputs[False]),
+        "cache_tokens_per_sec": rates["cache"],
+        "no_cache_tokens_per_sec": rates["no_cache"],
+        "transformers_tokens_per_sec": rates["transformers"],
+        "speedup": rates["cache"] / rates["no_cache"],
+        "speedup_over_transformers": rates["cache"] / rates["transformers"],
+        "same_tokens": torch.equal(outputs["cache"], outputs["no_cache"]),
+        "same_tokens_as_transformers": torch.equal(outputs["cache"], outputs["transformers"]),
     }
 
 
@@ -73,76 +144,147 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--rounds", type=positive_int, default=9, help="timed rounds of each loop")
     parser.add_argument("--output", help="write the figures as JSON to this file")
     parser.add_argument(
+        "--random_tokens", action="store_true", help="train on random tokens, not the data set"
+    )
+    parser.add_argument(
         "--generate", type=positive_int, help="time generating N tokens instead of training"
     )
+    parser.add_argument("--checkpoint", help="with --generate: time this checkpoint's model")
     args, config_args = parser.parse_known_args(argv)
     if args.output and not Path(args.output).resolve().parent.is_dir():
         raise UserError(f"--output {args.output}: its directory does not exist; create it first")
+    if args.checkpoint and not args.generate:
+        raise UserError("--checkpoint only goes with --generate N")
     config, name, overrides = load_config(config_args)
-    if args.generate and config.model.block_size < PROMPT_TOKENS + args.generate:
-        raise UserError(
-            f"--generate {args.generate} needs a context of {PROMPT_TOKENS + args.generate} "
-            f"tokens; add --model.block_size={PROMPT_TOKENS + args.generate}"
-        )
+    use_fast_matmuls()
     accelerator = Accelerator(
         mixed_precision=mixed_precision_mode(config),
         dynamo_backend="inductor" if config.compile else "no",
     )
+    threads = use_cpu_cores(accelerator)
     set_seed(config.seed)
-    meta = open_data(config, accelerator)
-    model_overrides = {k[6:]: v for k, v in overrides.items() if k.startswith("model.")}
-    model = build_model(config, meta, Tokenizer.load(config.data.path), model_overrides)
     if args.generate:
-        result = {"config": name, "device": str(accelerator.device), "new_tokens": args.generate}
-        result.update(
-            generation_speed(model.to(accelerator.device), args.generate, accelerator.device)
-        )
+        result = benchmark_generation(config, overrides, args, accelerator)
         print(
             f"{name} on {result['device']}: {args.generate} new tokens, KV cache "
             f"{result['cache_tokens_per_sec']:,.0f} tok/s, no cache "
             f"{result['no_cache_tokens_per_sec']:,.0f} tok/s ({result['speedup']:.1f}x), "
-            f"same tokens: {result['same_tokens']}"
+            f"transformers {result['transformers_tokens_per_sec']:,.0f} tok/s "
+            f"(ours {result['speedup_over_transformers']:.2f}x); same tokens: "
+            f"{result['same_tokens']}, as transformers: {result['same_tokens_as_transformers']}"
         )
-        if args.output:
-            Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-        return
-    bare_model = copy.deepcopy(model).to(accelerator.device)
-    split = open_split(config.data.path, meta, "train", config.model.block_size, config.seed)
-    sampler = EpochSampler(split.num_samples, config.seed)
+    else:
+        result = benchmark_training(config, name, overrides, args, accelerator)
+        mfu = f", MFU {result['mfu']:.1%}" if "mfu" in result else ""
+        print(
+            f"{name} on {result['device']} ({result['precision']}, {threads}), "
+            f"{result['tokens_per_step']} tokens/step{' of random tokens' * result['random_tokens']}: "
+            f"train.py {result['train_py_tokens_per_sec']:,.0f} tok/s{mfu}, bare PyTorch "
+            f"{result['bare_tokens_per_sec']:,.0f} tok/s, overhead "
+            f"{result['overhead_percent']:+.1f}%, peak memory {result['peak_memory_gb']:.2f} GB "
+            f"({result['peak_memory_of']})"
+        )
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def benchmark_generation(config, overrides: dict, args, accelerator: Accelerator) -> dict:
+    if args.checkpoint:
+        checkpoint = load_checkpoint(args.checkpoint)
+        model, tokenizer = checkpoint.model, checkpoint.tokenizer
+        check_context(model.config.block_size, args.generate, "")
+    else:
+        check_context(config.model.block_size, args.generate, "add --model.block_size=")
+        meta = open_data(config, accelerator)
+        tokenizer = Tokenizer.load(config.data.path)
+        model_overrides = {k[6:]: v for k, v in overrides.items() if k.startswith("model.")}
+        model = build_model(config, meta, tokenizer, model_overrides)
+    result = {"device": str(accelerator.device), "new_tokens": args.generate}
+    result.update(generation_speed(model.to(accelerator.device), tokenizer, args.generate))
+    return result
+
+
+def check_context(block_size: int, new_tokens: int, fix: str) -> None:
+    """Refuse a generation longer than the model's context (past it, the cache is rebuilt)."""
+    needed = PROMPT_TOKENS + new_tokens
+    if block_size < needed:
+        if not fix:
+            room = block_size - PROMPT_TOKENS
+            fix = f"generate at most {room}" if room > 0 else "benchmark a model with a longer one"
+        else:
+            fix = f"{fix}{needed}"
+        raise UserError(
+            f"--generate {new_tokens} needs a context of {needed} tokens (a {PROMPT_TOKENS}-token "
+            f"prompt and {new_tokens} new ones), the model has {block_size}; {fix}"
+        )
+
+
+def benchmark_training(config, name: str, overrides: dict, args, accelerator: Accelerator) -> dict:
+    random_tokens = args.random_tokens or not is_data_set(config.data.path)
+    if random_tokens:
+        if config.model.vocab_size < 1:
+            raise UserError(
+                f"no data set in {config.data.path} to take the vocabulary from: set "
+                "--model.vocab_size (the benchmark then trains on random tokens)"
+            )
+        config.model.vocab_size = padded_vocab_size(config.model)
+        model = models.build_model(config.model)
+        split = RandomTokens(config.model.vocab_size, config.model.block_size, 4096, config.seed)
+    else:
+        meta = open_data(config, accelerator)
+        model_overrides = {k[6:]: v for k, v in overrides.items() if k.startswith("model.")}
+        model = build_model(config, meta, Tokenizer.load(config.data.path), model_overrides)
+        split = open_split(config.data.path, meta, "train", config.model.block_size, config.seed)
+    bare_model = copy.deepcopy(model)  # on the CPU until the train.py side's peak memory is known
     accum = round(config.grad_accum.peak)
     step_samples = config.batch_size * accum * accelerator.num_processes
-    step_tokens = step_samples * split.fetch([0])[0].size(1)
+    sample_length = split.fetch(np.array([0]))[0].size(1)
+    step_tokens = step_samples * sample_length
     schedules = RunSchedules(config.lr, config.weight_decay, config.grad_accum, 10**15)
+    reader = BatchReader(
+        EpochSampler(split.num_samples, config.seed), split, config.batch_size, accelerator
+    )
+    throughput = Throughput.of_run(model, sample_length, accelerator)
 
-    def new_optimizer(m):
-        return torch.optim.AdamW(
-            optimizer_groups(m, config.weight_decay.peak),
-            lr=config.lr.peak,
-            betas=(config.optim.beta1, config.optim.beta2),
-            fused=torch.cuda.is_available(),
+    model, optimizer = accelerator.prepare(model, make_optimizer(model, config))
+
+    def ours(position: int) -> None:
+        settings = schedules.at(position * sample_length)
+        apply_settings(optimizer, settings)
+        batches = reader(position, accum)
+        train_step(
+            model,
+            optimizer,
+            accelerator,
+            batches.micro_batches,
+            config.optim.grad_clip,
+            step_targets=batches.targets,
         )
 
-    model, optimizer = accelerator.prepare(model, new_optimizer(model))
-    bare_optimizer = new_optimizer(bare_model)
+    def timed_round(step_fn) -> float:
+        synchronize()
+        start = time.perf_counter()
+        for i in range(args.steps):
+            step_fn(i * step_samples)
+        synchronize()
+        return (time.perf_counter() - start) / args.steps
+
+    if accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
+    timed_round(ours)  # warm up (and compile, if on)
+    peak_memory = peak_memory_gb(accelerator.device)
+
+    bare_model = bare_model.to(accelerator.device)
+    bare_optimizer = make_optimizer(bare_model, config)
+    apply_settings(bare_optimizer, schedules.at(0))
     if config.compile:
         bare_model = torch.compile(bare_model)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
     bare_scaler = torch.amp.GradScaler(enabled=dtype is torch.float16)
-
-    def ours(position: int) -> None:
-        settings = schedules.at(position * step_tokens)
-        apply_settings(optimizer, settings)
-        batches = fetch_micro_batches(
-            sampler, split, position, accum, config.batch_size, accelerator
-        )
-        train_step(model, optimizer, accelerator, batches, config.optim.grad_clip)
-
     bare_batches = [
         [
             (x.to(accelerator.device), y.to(accelerator.device))
-            for x, y in fetch_micro_batches(
-                sampler, split, p, accum, config.batch_size, accelerator
-            )
+            for x, y in reader.read(p, accum).micro_batches
         ]
         for p in range(0, args.steps * step_samples, step_samples)
     ]
@@ -150,8 +292,7 @@ def main(argv: list[str]) -> None:
     def bare(position: int) -> None:
         for x, y in bare_batches[position // step_samples % len(bare_batches)]:
             with torch.autocast(accelerator.device.type, dtype=dtype, enabled=dtype is not None):
-                logits = bare_model(x)
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1)) / accum
+                loss = bare_model(x, y) / (y.numel() * accum)
             bare_scaler.scale(loss).backward()
         bare_scaler.unscale_(bare_optimizer)
         torch.nn.utils.clip_grad_norm_(bare_model.parameters(), config.optim.grad_clip)
@@ -159,17 +300,7 @@ def main(argv: list[str]) -> None:
         bare_scaler.update()
         bare_optimizer.zero_grad(set_to_none=True)
 
-    def timed_round(step_fn) -> float:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for i in range(args.steps):
-            step_fn(i * step_samples)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) / args.steps
-
-    timed_round(ours), timed_round(bare)  # warm up (and compile, if on)
+    timed_round(bare)  # warm up (and compile, if on)
     times = {"train.py": [], "bare": []}
     for _ in range(args.rounds):
         times["train.py"].append(timed_round(ours))
@@ -179,6 +310,8 @@ def main(argv: list[str]) -> None:
         "config": name,
         "device": str(accelerator.device),
         "precision": accelerator.mixed_precision,
+        "optimizer": config.optim.name,
+        "random_tokens": random_tokens,
         "parameters": count_parameters(accelerator.unwrap_model(model)),
         "tokens_per_step": step_tokens,
         "train_py_tokens_per_sec": step_tokens / ours_s,
@@ -187,15 +320,15 @@ def main(argv: list[str]) -> None:
         # the machine's speed cancel; the median of those ratios is the overhead.
         "overhead_percent": 100
         * (statistics.median(o / b for o, b in zip(times["train.py"], times["bare"])) - 1),
+        "peak_memory_gb": peak_memory,
+        "peak_memory_of": "GPU memory allocated"
+        if accelerator.device.type == "cuda"
+        else "process resident memory",
     }
-    print(
-        f"{name} on {result['device']} ({result['precision']}), {step_tokens} tokens/step: "
-        f"train.py {result['train_py_tokens_per_sec']:,.0f} tok/s, bare PyTorch "
-        f"{result['bare_tokens_per_sec']:,.0f} tok/s, overhead {result['overhead_percent']:+.1f}%"
-    )
-    if args.output:
-        with open(args.output, "w") as file:
-            json.dump(result, file, indent=2)
+    figures = throughput.figures(step_tokens, 1, ours_s)
+    if "mfu" in figures:
+        result["mfu"] = figures["mfu"]
+    return result
 
 
 if __name__ == "__main__":

@@ -28,19 +28,22 @@ from gptlab.data import EpochSampler, Split, fixed_subset, open_split
 from gptlab.errors import UserError, run_cli
 from gptlab.evaluation import Evaluator
 from gptlab.mfu import Throughput
+from gptlab.optimizers import check_optimizer_supported
 from gptlab.scheduler import EarlyStopping, RunSchedules
 from gptlab.tokenizer import Tokenizer
 from gptlab.training import (
+    BatchReader,
     LogWindow,
     Progress,
     apply_settings,
     build_model,
-    fetch_micro_batches,
     make_optimizer,
     mixed_precision_mode,
     on_main_process,
     open_data,
     train_step,
+    use_cpu_cores,
+    use_fast_matmuls,
 )
 from models import count_parameters
 
@@ -51,12 +54,14 @@ def main(argv: list[str]) -> None:
         return
     config, _, overrides = load_config(argv)
     config.mixed_precision = mixed_precision_mode(config)  # recorded as used, not as "auto"
+    use_fast_matmuls()
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         dynamo_backend="inductor" if config.compile else "no",
         **tracking.accelerator_options(config),
     )
-    run = start_run(config, overrides, accelerator)
+    threads = use_cpu_cores(accelerator)
+    run = start_run(config, overrides, accelerator, threads)
     progress, window = run.progress, LogWindow(torch.zeros((), device=accelerator.device))
     bar = tqdm(
         total=run.total_tokens,
@@ -69,21 +74,15 @@ def main(argv: list[str]) -> None:
         # One optimizer step: the schedules' settings, this process's micro-batches, the update.
         settings = run.schedules.at(progress.tokens)
         apply_settings(run.optimizer, settings)
-        micro_batches = fetch_micro_batches(
-            run.sampler,
-            run.train_split,
-            progress.samples,
-            settings.grad_accum,
-            config.batch_size,
-            accelerator,
-        )
+        batches = run.reader(progress.samples, settings.grad_accum)  # the next step's read ahead
         loss_sum, targets, grad_norm = train_step(
             run.model,
             run.optimizer,
             accelerator,
-            micro_batches,
+            batches.micro_batches,
             config.optim.grad_clip,
             skip_nonfinite=config.nonfinite_loss == "skip",
+            step_targets=batches.targets,
         )
         step_tokens = settings.grad_accum * run.micro_tokens
         progress.step += 1
@@ -157,7 +156,8 @@ class Run:
     optimizer: torch.optim.Optimizer
     tokenizer: Tokenizer
     train_split: Split
-    sampler: EpochSampler
+    reader: BatchReader
+    """This process's micro-batches of each step, the next step's read in the background."""
     schedules: RunSchedules
     total_tokens: int
     micro_tokens: int
@@ -173,8 +173,9 @@ class Run:
     stop_reason: str | None
 
 
-def start_run(config: Config, overrides: dict, accelerator: Accelerator) -> Run:
+def start_run(config: Config, overrides: dict, accelerator: Accelerator, threads: str) -> Run:
     """Data, model, optimizer, schedules and run directory; resumed if a snapshot says so."""
+    check_optimizer_supported(config, accelerator)
     out_dir = Path(config.out_dir)
     resume_from = snapshots.choose_snapshot(accelerator, config)
     errors.interrupt_hint = lambda: snapshots.rerun_hint(out_dir)
@@ -201,11 +202,15 @@ def start_run(config: Config, overrides: dict, accelerator: Accelerator) -> Run:
     peak_accum = round(config.grad_accum.peak)
     total_tokens = config.max_tokens or config.max_steps * micro_tokens * peak_accum
     data_module = tasks.for_data_set(meta)
+    final_samples = config.data.final_eval_samples
+    if final_samples is None:
+        final_samples = config.data.eval_samples
     evaluate = Evaluator(
         val_split,
         fixed_subset(val_split.num_samples, config.data.eval_samples),
         config.batch_size,
         data_module.val_metrics(meta, tokenizer, val_split, config.data.exact_match_samples),
+        final_indices=fixed_subset(val_split.num_samples, final_samples or val_split.num_samples),
     )
     data_info = {k: v for k, v in meta.items() if k in ("format", "example_length", "task")}
     data_info["dir"] = str(config.data.path)
@@ -218,7 +223,12 @@ def start_run(config: Config, overrides: dict, accelerator: Accelerator) -> Run:
         optimizer=optimizer,
         tokenizer=tokenizer,
         train_split=train_split,
-        sampler=EpochSampler(train_split.num_samples, config.seed),
+        reader=BatchReader(
+            EpochSampler(train_split.num_samples, config.seed),
+            train_split,
+            config.batch_size,
+            accelerator,
+        ),
         schedules=RunSchedules(config.lr, config.weight_decay, config.grad_accum, total_tokens),
         total_tokens=total_tokens,
         micro_tokens=micro_tokens,
@@ -245,8 +255,9 @@ def start_run(config: Config, overrides: dict, accelerator: Accelerator) -> Run:
         run.snapshots.save(run.progress, run.early_stopping, run.stop_reason)
     run.log.say(
         f"{count_parameters(raw_model) / 1e6:.2f}M parameters | {accelerator.num_processes} "
-        f"process(es) on {accelerator.device} | precision {accelerator.mixed_precision} | "
-        f"{total_tokens:,} tokens to train",
+        f"process(es) on {accelerator.device} | {threads} | precision "
+        f"{accelerator.mixed_precision} | optimizer {config.optim.name} | {total_tokens:,} tokens "
+        "to train",
         run.progress.step,
     )
     run.log.say(run.throughput.peak_source, run.progress.step)
@@ -274,7 +285,10 @@ def check_finite(train_loss: float, step: int, run: Run) -> None:
 def end_macro_batch(run: Run, train_event: dict, finished: bool) -> None:
     """Evaluate, log, decide on early stopping, keep the checkpoint if among the best, snapshot."""
     progress, accelerator = run.progress, run.accelerator
-    event = run.evaluate(run.eval_model, run.raw_model, accelerator, progress.step, progress.tokens)
+    event = run.evaluate(
+        run.eval_model, run.raw_model, accelerator, progress.step, progress.tokens, final=finished
+    )
+    event["elapsed"] = run.snapshots.elapsed()  # seconds since the run began (resumes included)
     run.log.write(event)
     summary = " | ".join(
         f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in event.items()

@@ -29,6 +29,8 @@ class DataConfig:
     """Directory with the prepared files; empty means data/<name>."""
     eval_samples: int = 256
     """Size of the fixed val subset (windows or examples) scored at every evaluation."""
+    final_eval_samples: int | None = None
+    """Size of the fixed val subset the run's last evaluation scores: null means eval_samples, 0 the whole val split (cheap evaluations during the run, an exact figure at its end)."""
     exact_match_samples: int = 256
     """Arithmetic data: val examples scored by exact match at every evaluation (0 turns it off)."""
 
@@ -39,6 +41,8 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"
+    """adamw, or muon: Muon for the weight matrices of the blocks, AdamW for embeddings, head, norms and biases."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.95
@@ -47,6 +51,20 @@ class OptimConfig:
     """AdamW epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 turns clipping off (the norm is still logged)."""
+    muon_lr_scale: float = 20.0
+    """Muon: its learning rate is the lr schedule's value times this (the schedule's value is AdamW's)."""
+    muon_momentum: float = 0.95
+    """Muon: momentum (Nesterov) of its updates."""
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.name not in ("adamw", "muon"):
+            found.append(f"optim.name is {self.name!r}; use adamw or muon")
+        if not 0.0 < self.muon_lr_scale < float("inf"):
+            found.append(f"optim.muon_lr_scale is {self.muon_lr_scale}; it must be positive")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            found.append(f"optim.muon_momentum is {self.muon_momentum}; it must be in [0, 1)")
+        return found
 
 
 @dataclass
@@ -120,6 +138,7 @@ class Config:
 
     def problems(self) -> list[str]:
         found = self.model.problems()
+        found += self.optim.problems()
         found += self.tracking.problems()
         found += self.lr.problems("lr")
         found += self.weight_decay.problems("weight_decay")
@@ -146,6 +165,8 @@ class Config:
             found.append("resume is empty; use auto, never or the path of a snapshot")
         if self.data.eval_samples < 1:
             found.append("data.eval_samples must be at least 1")
+        if self.data.final_eval_samples is not None and self.data.final_eval_samples < 0:
+            found.append("data.final_eval_samples must be null (as eval_samples), 0 (all) or more")
         return found
 
 

@@ -118,6 +118,10 @@ class StreamSplit:
         windows = torch.from_numpy(windows)
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
+    def target_count(self, indices: np.ndarray) -> int:
+        """Real target tokens of these samples: every one of a window's."""
+        return len(indices) * self.block_size
+
 
 @dataclass
 class ExampleSplit:
@@ -148,6 +152,11 @@ class ExampleSplit:
         keep = torch.from_numpy(mask[indices][:, 1:].astype(bool))
         targets = tokens[:, 1:].masked_fill(~keep, IGNORE_INDEX)
         return tokens[:, :-1], targets
+
+    def target_count(self, indices: np.ndarray) -> int:
+        """Real target tokens of these examples: their masked-in positions after the first."""
+        mask = np.memmap(self.mask_path, dtype=np.uint8, mode="r").reshape(-1, self.example_length)
+        return int(mask[np.asarray(indices)][:, 1:].sum(dtype=np.int64))
 
 
 Split = StreamSplit | ExampleSplit

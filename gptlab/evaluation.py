@@ -44,24 +44,32 @@ def evaluate_loss(
 
 @dataclass
 class Evaluator:
-    """What every macro-batch is scored on: the val loss of a fixed val subset, plus the data
-    set's own metrics (for example exact match for arithmetic, from its task module)."""
+    """What every macro-batch is scored on: the val loss of a fixed val subset (the run's last
+    evaluation may score a larger one, final_indices), plus the data set's own metrics (for
+    example exact match for arithmetic, from its task module)."""
 
     val_split: Split
     val_indices: np.ndarray
     batch_size: int
     task_metrics: Callable[[torch.nn.Module, Accelerator], dict] | None = None
+    final_indices: np.ndarray | None = None
 
-    def __call__(self, model, raw_model, accelerator: Accelerator, step: int, tokens: int) -> dict:
+    def __call__(
+        self, model, raw_model, accelerator: Accelerator, step: int, tokens: int, final=False
+    ) -> dict:
         """The eval event after `step`, the same on every process.
 
         `model` is the compiled model without DDP (processes may get uneven shares, so no
         collective forward); task metrics use the plain `raw_model` (decoding uses its KV cache).
         """
+        indices = self.val_indices
+        if final and self.final_indices is not None:
+            indices = self.final_indices
         event = {"step": step, "tokens": tokens}
         event["val_loss"] = evaluate_loss(
-            model, self.val_split, self.val_indices, accelerator, self.batch_size
+            model, self.val_split, indices, accelerator, self.batch_size
         )
+        event["val_samples"] = len(indices)
         if self.task_metrics is not None:
             was_training = raw_model.training
             raw_model.eval()

@@ -41,8 +41,9 @@ PICKLED = (".bin", ".pkl", ".pt")
 WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
 
 # Config keys (dotted prefixes) that a resumed run must share with its snapshot: changing them
-# would make it another run (other weights, data or batches). Anything else (length, logging,
-# keep_best, compile, the schedules...) may change on resume; the change is logged.
+# would make it another run (other weights, data or batches, or an optimizer state that does not
+# fit). Anything else (length, logging, keep_best, compile, the schedules...) may change on
+# resume; the change is logged.
 BREAKING_KEYS = (
     "model.",
     "data.name",
@@ -51,6 +52,7 @@ BREAKING_KEYS = (
     "batch_size",
     "grad_accum.",
     "mixed_precision",
+    "optim.name",
 )
 
 

@@ -5,26 +5,29 @@ exactly the same step.
 """
 
 import math
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import psutil
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 import models
-from gptlab import checkpoints
+from gptlab import checkpoints, optimizers
 from gptlab.config import Config
 from gptlab.data import EpochSampler, Split, read_meta
 from gptlab.errors import UserError
 from gptlab.scheduler import StepSettings
 from gptlab.tasks import arithmetic
 from gptlab.tokenizer import Tokenizer
-from models import IGNORE_INDEX, optimizer_groups
+from models import IGNORE_INDEX
 
 T = TypeVar("T")
 
@@ -98,6 +101,57 @@ def prepare_built_in(name: str, data_dir: Path) -> None:
     arithmetic.prepare_arithmetic(name, data_dir)
 
 
+LAUNCHER_MARKERS = ("ACCELERATE_DYNAMO_BACKEND", "TORCHELASTIC_RUN_ID")
+"""Variables that `accelerate launch` and torchrun put into the environment of each process."""
+
+
+def user_chose_threads() -> bool:
+    """Whether the user chose this process's thread count with OMP_NUM_THREADS (or accelerate
+    launch's --num_cpu_threads_per_process).
+
+    `accelerate launch` (without --cpu) and torchrun set OMP_NUM_THREADS=1 for their processes
+    when the user did not, so under a launcher the variable only counts if the launcher's own
+    environment had it (read from /proc; where that cannot be read, it is taken as the user's)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        return False
+    if not any(name in os.environ for name in LAUNCHER_MARKERS):
+        return True
+    try:
+        launcher = Path(f"/proc/{os.getppid()}")
+        environment = (launcher / "environ").read_bytes().split(b"\0")
+        arguments = (launcher / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True
+    return any(v.startswith(b"OMP_NUM_THREADS=") for v in environment) or any(
+        a.startswith(b"--num_cpu_threads_per_process") for a in arguments
+    )
+
+
+def use_cpu_cores(accelerator: Accelerator) -> str:
+    """On a CPU, give this process its share of the cores (all of them for one process) unless
+    the user chose a thread count; return how many threads it uses, and why, for the log."""
+    if accelerator.device.type != "cpu":
+        return f"{torch.get_num_threads()} CPU threads"
+    if user_chose_threads():
+        return f"{torch.get_num_threads()} CPU threads per process (OMP_NUM_THREADS)"
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        cores = min(cores, len(os.sched_getaffinity(0)))
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    torch.set_num_threads(max(1, cores // local_processes))
+    return (
+        f"{torch.get_num_threads()} CPU threads per process ({cores} cores shared by "
+        f"{local_processes} process(es) here; set OMP_NUM_THREADS to choose)"
+    )
+
+
+def use_fast_matmuls() -> None:
+    """TF32 for float32 matmuls on GPUs that have it (mixed precision covers most matmuls; this
+    covers the rest); mfu.py counts the TF32 peak once this is set."""
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+
+
 def mixed_precision_mode(config: Config) -> str:
     """The precision the run computes in: `auto` resolved for this machine (bf16 only where the
     GPU has it natively; emulated bf16 on a V100 or T4 is slow, so fp16 there; none on CPU)."""
@@ -131,24 +185,26 @@ def build_model(
             f"model.vocab_size {config.model.vocab_size} is below the data set's vocabulary "
             f"{meta['vocab_size']}; set it to 0 to take the data set's"
         )
+    config.model.vocab_size = padded_vocab_size(config.model)
     return models.build_model(config.model)
 
 
+def padded_vocab_size(model_config: models.ModelConfig) -> int:
+    """The vocabulary rounded up to a multiple of model.vocab_multiple."""
+    multiple = model_config.vocab_multiple
+    return -(-model_config.vocab_size // multiple) * multiple
+
+
 def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        optimizer_groups(model, config.weight_decay.first),
-        lr=config.lr.first,
-        betas=(config.optim.beta1, config.optim.beta2),
-        eps=config.optim.eps,
-        fused=torch.cuda.is_available(),
+    """AdamW, or Muon with AdamW (optim.name), at the schedules' first values."""
+    return optimizers.build_optimizer(
+        model, config.optim, config.lr.first, config.weight_decay.first
     )
 
 
 def apply_settings(optimizer: torch.optim.Optimizer, settings: StepSettings) -> None:
-    """Set the scheduled learning rate everywhere and weight decay on the decayed group (the first)."""
-    for group in optimizer.param_groups:
-        group["lr"] = settings.lr
-    optimizer.param_groups[0]["weight_decay"] = settings.weight_decay
+    """Set the scheduled learning rate and weight decay, scaled for each parameter group."""
+    optimizers.apply_schedule(optimizer, settings.lr, settings.weight_decay)
 
 
 def fetch_micro_batches(
@@ -174,6 +230,69 @@ def fetch_micro_batches(
     ]
 
 
+def step_target_count(
+    sampler: EpochSampler,
+    split: Split,
+    position: int,
+    grad_accum: int,
+    batch_size: int,
+    num_processes: int,
+) -> int:
+    """Real target tokens of the whole optimizer step that starts at `position`, all processes
+    together: the sampler says which samples every process gets, so no process needs to ask."""
+    _, indices = sampler.positions(position, grad_accum * batch_size * num_processes)
+    return split.target_count(indices)
+
+
+@dataclass
+class StepBatches:
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    """This process's micro-batches (inputs, targets) of one optimizer step."""
+    targets: int
+    """Real target tokens of the step on all processes together."""
+
+
+class BatchReader:
+    """The batches of each optimizer step. While one step runs, a background thread reads the
+    next one (assuming the same grad_accum; a schedule that changes it costs one wait) and, on a
+    GPU, pins it in memory so that its copy to the device does not hold up the host."""
+
+    def __init__(
+        self, sampler: EpochSampler, split: Split, batch_size: int, accelerator: Accelerator
+    ):
+        self.sampler, self.split, self.batch_size = sampler, split, batch_size
+        self.accelerator = accelerator
+        self.pin = accelerator.device.type == "cuda"
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-reader")
+        self.pending: tuple[tuple[int, int], Future] | None = None
+
+    def read(self, position: int, grad_accum: int) -> StepBatches:
+        micro_batches = fetch_micro_batches(
+            self.sampler, self.split, position, grad_accum, self.batch_size, self.accelerator
+        )
+        if self.pin:
+            micro_batches = [(x.pin_memory(), y.pin_memory()) for x, y in micro_batches]
+        processes = self.accelerator.num_processes
+        targets = step_target_count(
+            self.sampler, self.split, position, grad_accum, self.batch_size, processes
+        )
+        return StepBatches(micro_batches, targets)
+
+    def __call__(self, position: int, grad_accum: int) -> StepBatches:
+        """The step that starts at sampler position `position`; the next one starts reading."""
+        batches = None
+        if self.pending is not None:
+            key, future = self.pending
+            ready = future.result()  # also when unused: one reader at a time
+            batches = ready if key == (position, grad_accum) else None
+        if batches is None:
+            batches = self.read(position, grad_accum)
+        following = position + grad_accum * self.batch_size * self.accelerator.num_processes
+        key = (following, grad_accum)
+        self.pending = (key, self.worker.submit(self.read, *key))
+        return batches
+
+
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -181,21 +300,24 @@ def train_step(
     micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
     grad_clip: float,
     skip_nonfinite: bool = False,
+    step_targets: int | None = None,
 ) -> tuple[torch.Tensor | None, int, torch.Tensor]:
     """One optimizer step over this process's micro-batches.
 
     The loss is normalised by the number of real (unmasked) target tokens of the whole step on
-    all processes, so every token weighs the same whatever micro-batch or process it is in.
-    DDP averages gradients over processes, hence the factor num_processes.
+    all processes (`step_targets`, known on the host from the sampler; None counts them with an
+    all-reduce), so every token weighs the same whatever micro-batch or process it is in.
+    DDP averages gradients over processes, hence the factor num_processes. Nothing here waits
+    for the device, except the decision to skip a step (skip_nonfinite).
     Returns this process's summed token loss, its real-token count, and the gradient norm; with
     skip_nonfinite, a step whose loss or gradient is not finite on any process is not applied
     and its loss is returned as None.
     """
     local_tokens = sum(int((targets != IGNORE_INDEX).sum()) for _, targets in micro_batches)
-    step_tokens = accelerator.reduce(
-        torch.tensor(local_tokens, device=accelerator.device, dtype=torch.float32), "sum"
-    )
-    scale = accelerator.num_processes / step_tokens.clamp(min=1)
+    if step_targets is None:
+        local = torch.tensor(local_tokens, device=accelerator.device, dtype=torch.float64)
+        step_targets = int(accelerator.reduce(local, "sum").item())
+    scale = accelerator.num_processes / max(step_targets, 1)
     loss_sum = torch.zeros((), device=accelerator.device)
     for i, (inputs, targets) in enumerate(micro_batches):
         inputs = inputs.to(accelerator.device, non_blocking=True)

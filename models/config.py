@@ -19,6 +19,8 @@ class ModelConfig:
     """Context length in tokens."""
     vocab_size: int = 0
     """Vocabulary size; 0 takes it from the data set. Set it larger to pad (e.g. 50304 for GPT-2)."""
+    vocab_multiple: int = 1
+    """Round the vocabulary up to a multiple of this (64 turns GPT-2's 50257 into 50304, whose matmuls run faster on GPUs); the extra tokens are never targets."""
     dropout: float = 0.0
     """Dropout probability on attention weights and residual branches during training."""
     bias: bool = True
@@ -31,6 +33,8 @@ class ModelConfig:
     """Llama: base of the rotary position embedding frequencies."""
     norm_eps: float = 1e-5
     """Epsilon of LayerNorm / RMSNorm."""
+    loss_chunk: int = 0
+    """Compute the training loss this many positions at a time, recomputing their logits in the backward pass, so fp32 logits of the whole batch never exist (for large vocabularies); 0: all at once."""
 
     @property
     def head_dim(self) -> int:
@@ -64,4 +68,8 @@ class ModelConfig:
             found.append(f"model.dropout ({self.dropout}) must be in [0, 1)")
         if self.vocab_size < 0 or self.mlp_hidden < 0:
             found.append("model.vocab_size and model.mlp_hidden must not be negative")
+        if self.vocab_multiple < 1:
+            found.append(f"model.vocab_multiple ({self.vocab_multiple}) must be at least 1")
+        if self.loss_chunk < 0:
+            found.append(f"model.loss_chunk ({self.loss_chunk}) must be 0 (off) or more")
         return found

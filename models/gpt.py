@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from models.config import ModelConfig
 from models.generation import KVCache, causal_attention
-from models.loss import token_loss
+from models.loss import head_loss
 
 
 class CausalSelfAttention(nn.Module):
@@ -107,5 +107,5 @@ class GPT(nn.Module):
             cache.length = start + idx.size(1)
         x = self.ln_f(x)
         if targets is not None:
-            return token_loss(self.lm_head(x), targets)
+            return head_loss(x, self.lm_head.weight, targets, self.config.loss_chunk)
         return self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)

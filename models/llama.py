@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from models.config import ModelConfig
 from models.generation import KVCache, causal_attention
 from models.gpt import GPT
-from models.loss import token_loss
+from models.loss import head_loss
 
 
 def swiglu_hidden(config: ModelConfig) -> int:
@@ -145,5 +145,5 @@ class Llama(nn.Module):
             cache.length = end
         x = self.norm_f(x)
         if targets is not None:
-            return token_loss(self.lm_head(x), targets)
+            return head_loss(x, self.lm_head.weight, targets, self.config.loss_chunk)
         return self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)

@@ -96,6 +96,11 @@ def test_benchmark_times_generation_with_and_without_the_cache(shakespeare_dir, 
     result = json.loads((tmp_path / "gen.json").read_text())
     assert result["new_tokens"] == 24 and result["same_tokens"] is True
     assert result["cache_tokens_per_sec"] > 0 and result["no_cache_tokens_per_sec"] > 0
+    # transformers' generate on the same weights, exported as a checkpoint, gives the same tokens.
+    assert result["same_tokens_as_transformers"] is True
+    assert result["speedup_over_transformers"] == pytest.approx(
+        result["cache_tokens_per_sec"] / result["transformers_tokens_per_sec"]
+    )
     refused = run_script(
         "benchmark.py",
         *("--config", str(REPO / "configs" / "shakespeare_llama_cpu.json")),

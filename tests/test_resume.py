@@ -48,7 +48,7 @@ def short_run_args(adder_dir, out_dir, *extra: str) -> list[str]:
 
 def logged_numbers(run_dir: Path) -> list[dict]:
     """Every data event of metrics.jsonl, without messages and wall-clock throughput."""
-    wall_clock = ("tokens_per_sec", "step_time", "mfu")
+    wall_clock = ("tokens_per_sec", "step_time", "mfu", "elapsed")
     return [
         {k: v for k, v in event.items() if k not in wall_clock}
         for event in read_metrics(run_dir)
