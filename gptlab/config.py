@@ -33,6 +33,8 @@ class DataConfig:
     """Size of the fixed val subset the run's last evaluation scores: null means eval_samples, 0 the whole val split (cheap evaluations during the run, an exact figure at its end)."""
     exact_match_samples: int = 256
     """Arithmetic data: val examples scored by exact match at every evaluation (0 turns it off)."""
+    digits: int = 0
+    """Arithmetic data (adder, multiplier): operand digits, for train.py to prepare the set when it is missing and to check it; 0: the task's default (3 for adder, 2 for multiplier)."""
 
     @property
     def path(self) -> Path:
@@ -165,6 +167,8 @@ class Config:
             found.append("resume is empty; use auto, never or the path of a snapshot")
         if self.data.eval_samples < 1:
             found.append("data.eval_samples must be at least 1")
+        if not 0 <= self.data.digits <= 6:
+            found.append(f"data.digits is {self.data.digits}; use 1 to 6, or 0 for the default")
         if self.data.final_eval_samples is not None and self.data.final_eval_samples < 0:
             found.append("data.final_eval_samples must be null (as eval_samples), 0 (all) or more")
         return found

@@ -90,15 +90,22 @@ def on_main_process(accelerator: Accelerator, work: Callable[[], T]) -> T | None
 def open_data(config: Config, accelerator: Accelerator) -> dict:
     """Read the data set's metadata, preparing a built-in synthetic set first if it is missing."""
     data_dir = config.data.path
-    name = config.data.name
+    name, digits = config.data.name, config.data.digits or None
     if not (data_dir / "meta.json").exists() and name in arithmetic.COMMANDS:
-        on_main_process(accelerator, lambda: prepare_built_in(name, data_dir))
-    return read_meta(data_dir)
+        on_main_process(accelerator, lambda: prepare_built_in(name, data_dir, digits))
+    meta = read_meta(data_dir)
+    prepared = meta.get("task", {}).get("digits")
+    if digits and prepared != digits:
+        raise UserError(
+            f"{data_dir} holds {prepared or 'no'}-digit arithmetic but data.digits is {digits}; "
+            "point data.dir at another directory (train.py prepares it) or change data.digits"
+        )
+    return meta
 
 
-def prepare_built_in(name: str, data_dir: Path) -> None:
+def prepare_built_in(name: str, data_dir: Path, digits: int | None) -> None:
     print(f"preparing the {name} data set in {data_dir}")
-    arithmetic.prepare_arithmetic(name, data_dir)
+    arithmetic.prepare_arithmetic(name, data_dir, digits)
 
 
 LAUNCHER_MARKERS = ("ACCELERATE_DYNAMO_BACKEND", "TORCHELASTIC_RUN_ID")
