@@ -28,16 +28,15 @@ from torch.nn import functional as F
 
 from gptlab.cli import ArgumentParser, positive_int
 from gptlab.config import load_config
-from gptlab.data import EpochSampler, open_split
 from gptlab.errors import UserError, run_cli
 from gptlab.scheduler import RunSchedules
-from gptlab.tokenizer import Tokenizer
 from gptlab.training import (
     apply_settings,
     build_model,
+    data_vocabulary,
     fetch_micro_batches,
     mixed_precision_mode,
-    open_data,
+    open_training_data,
     train_step,
 )
 from models import count_parameters, generate, optimizer_groups
@@ -89,9 +88,9 @@ def main(argv: list[str]) -> None:
         dynamo_backend="inductor" if config.compile else "no",
     )
     set_seed(config.seed)
-    meta = open_data(config, accelerator)
+    meta, tokenizer = data_vocabulary(config, accelerator)
     model_overrides = {k[6:]: v for k, v in overrides.items() if k.startswith("model.")}
-    model = build_model(config, meta, Tokenizer.load(config.data.path), model_overrides)
+    model = build_model(config, meta, tokenizer, model_overrides)
     if args.generate:
         result = {"config": name, "device": str(accelerator.device), "new_tokens": args.generate}
         result.update(
@@ -107,8 +106,8 @@ def main(argv: list[str]) -> None:
             Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
         return
     bare_model = copy.deepcopy(model).to(accelerator.device)
-    split = open_split(config.data.path, meta, "train", config.model.block_size, config.seed)
-    sampler = EpochSampler(split.num_samples, config.seed)
+    data = open_training_data(config, accelerator)
+    split, sampler = data.train_split, data.sampler
     accum = round(config.grad_accum.peak)
     step_samples = config.batch_size * accum * accelerator.num_processes
     step_tokens = step_samples * split.fetch([0])[0].size(1)
