@@ -2,6 +2,11 @@
 
     python benchmark.py --config configs/shakespeare_cpu.json [--steps 40] [--rounds 9] [--key=value ...]
     python benchmark.py --config configs/shakespeare_cpu.json --generate 512 --model.block_size=528
+    python benchmark.py --prepare corpus.jsonl --tokenizer ../shared/data/gpt2-tokenizer --nanogpt
+
+With --prepare CORPUS it measures data preparation instead: `prepare_data.py text` on a .jsonl
+corpus with the tokenizer of --tokenizer, in tokens/s and peak resident memory, and with
+--nanogpt also nanoGPT's way on the same file (tiktoken through datasets.map; needs tiktoken).
 
 With --generate N it measures sampling instead: greedy generation of N tokens after a 16-token
 prompt, batch 1, with the key-value cache and without it (every step reruns the whole context).
@@ -26,6 +31,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.nn import functional as F
 
+from gptlab import preparation_speed
 from gptlab.cli import ArgumentParser, positive_int
 from gptlab.config import load_config
 from gptlab.errors import UserError, run_cli
@@ -74,9 +80,19 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--generate", type=positive_int, help="time generating N tokens instead of training"
     )
+    parser.add_argument("--prepare", help="time preparing this .jsonl corpus instead of training")
+    parser.add_argument("--tokenizer", help="--prepare: a GPT-2 tokenizer directory")
+    parser.add_argument("--nanogpt", action="store_true", help="--prepare: nanoGPT's way too")
     args, config_args = parser.parse_known_args(argv)
     if args.output and not Path(args.output).resolve().parent.is_dir():
         raise UserError(f"--output {args.output}: its directory does not exist; create it first")
+    if args.prepare:
+        if not args.tokenizer or config_args:
+            raise UserError("--prepare takes --tokenizer DIR (and --nanogpt, --output) only")
+        corpus, repo = Path(args.prepare), Path(__file__).resolve().parent
+        results = preparation_speed.compare(corpus, Path(args.tokenizer), args.nanogpt, repo)
+        preparation_speed.report(corpus, results, args.output)
+        return
     config, name, overrides = load_config(config_args)
     if args.generate and config.model.block_size < PROMPT_TOKENS + args.generate:
         raise UserError(

@@ -115,6 +115,8 @@ class Tokenizer:
     def _check_characters(self, text: str) -> None:
         if self.is_char_level:
             vocab = self.backend.get_vocab()
+            for token in self.backend.get_added_tokens_decoder().values():
+                text = text.replace(token.content, "")  # special tokens written in the text
             unknown = sorted(set(text).difference(vocab))
             if unknown:
                 known = "".join(sorted((t for t in vocab if len(t) == 1), key=vocab.get))

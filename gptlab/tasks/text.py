@@ -20,7 +20,6 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ from gptlab.corpus import Corpus, count_characters
 from gptlab.data import bits_per_byte, is_data_set, token_dtype, write_data_set
 from gptlab.errors import UserError
 from gptlab.evaluation import evaluate_loss
+from gptlab.fast_encoding import BatchEncoder
 from gptlab.tokenizer import Tokenizer, bpe_size
 
 SHAKESPEARE_URL = (
@@ -215,19 +215,20 @@ class SplitFile:
     """Tokens and bytes of the last whole document written (to move it to the other split)."""
     _open_document: tuple[int, int] = (0, 0)
 
-    def write(self, pieces: list[list[int]], texts: list[str], ends: list[bool], eos: int) -> None:
-        ids: list = []
+    def write(self, pieces: list, texts: list[str], ends: list[bool], eos: int) -> None:
+        """Append the ids of some texts; an end-of-text token after those that end a document."""
+        parts = []
         for piece, text, end in zip(pieces, texts, ends):
             size = len(text) if text.isascii() else len(text.encode("utf-8"))
             tokens, n_bytes = self._open_document
             self._open_document = (tokens + len(piece) + end, n_bytes + size)
-            ids.append(piece)
+            parts.append(np.asarray(piece, dtype=self.dtype))
             if end:
-                ids.append((eos,))
+                parts.append(np.array([eos], dtype=self.dtype))
                 self.documents += 1
                 self.last_document, self._open_document = self._open_document, (0, 0)
             self.bytes += size
-        values = np.fromiter(chain.from_iterable(ids), dtype=self.dtype)
+        values = np.concatenate(parts) if parts else np.zeros(0, dtype=self.dtype)
         with open(self.path, "ab") as file:
             values.tofile(file)
         self.tokens += len(values)
@@ -280,10 +281,11 @@ def write_splits(tmp_dir: Path, corpus: Corpus, plan, tokenizer: Tokenizer) -> d
     train, val = (SplitFile(tmp_dir / f"{name}.bin", dtype) for name in ("train", "val"))
     for split in (train, val):
         split.path.touch()
+    encode = BatchEncoder(tokenizer)
     bar = tqdm(unit="doc", unit_scale=True, disable=not sys.stderr.isatty(), desc="encoding")
     started = time.perf_counter()
     for batch in read_ahead(plan.batches(corpus)):
-        encoded = tokenizer.encode_batch(batch.texts)
+        encoded = encode(batch.texts)
         for split, wanted in ((train, False), (val, True)):
             chosen = [i for i, is_val in enumerate(batch.is_val) if is_val == wanted]
             if chosen:
@@ -318,7 +320,7 @@ def write_splits(tmp_dir: Path, corpus: Corpus, plan, tokenizer: Tokenizer) -> d
     tokens = train.tokens + val.tokens
     print(
         f"encoded {documents:,} documents, {tokens:,} tokens in {seconds:.1f} s "
-        f"({tokens / max(seconds, 1e-9):,.0f} tokens/s)"
+        f"({tokens / max(seconds, 1e-9):,.0f} tokens/s, {encode.engine})"
     )
     return {
         "format": "stream",
