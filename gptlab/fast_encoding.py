@@ -12,7 +12,6 @@ Each runs on every core. Special tokens written in the text (such as <|endoftext
 ids, as the tokenizers library does.
 """
 
-import itertools
 import json
 import os
 import re
@@ -98,16 +97,10 @@ class BatchEncoder:
         encoded = self.tiktoken.encode_ordinary_batch(texts, num_threads=self.threads)
         if not self.checked:  # the first texts both ways: any difference and tiktoken is out
             self.checked = True
-            sample = (
-                len(
-                    list(
-                        itertools.takewhile(
-                            lambda n: n < CHECK_CHARS, itertools.accumulate(map(len, texts))
-                        )
-                    )
-                )
-                + 1
-            )
+            sample, chars = 0, 0
+            while sample < len(texts) and chars < CHECK_CHARS:
+                chars += len(texts[sample])
+                sample += 1
             if encoded[:sample] != self._with_tokenizers(texts[:sample]):
                 print("tiktoken and tokenizers disagree on this vocabulary; using tokenizers")
                 self.engine, self._encode_plain = "tokenizers", self._with_tokenizers
