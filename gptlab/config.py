@@ -238,7 +238,8 @@ def _all_keys(cls, prefix: str = "") -> list[str]:
 
 
 def _suggestion(prefix: str, key: str, cls) -> str:
-    candidates = _all_keys(Config)
+    # Inside a list item (data.mixture[0].) only the item's own keys can be meant.
+    candidates = [] if "[" in prefix else _all_keys(Config)
     close = difflib.get_close_matches(prefix + key, candidates, n=1, cutoff=0.6)
     if not close:
         close = difflib.get_close_matches(key, [f.name for f in fields(cls)], n=1, cutoff=0.5)
