@@ -66,6 +66,8 @@ class Corpus:
     def __post_init__(self):
         if self.is_hub and not self.source[len(HUB_PREFIX) :]:
             raise UserError("--input hf: needs a data set name, such as hf:roneneldan/TinyStories")
+        if not self.is_hub and (self.config_name or self.split != "train"):
+            raise UserError("--config_name and --split choose part of an hf: data set only")
         self.files = [] if self.is_hub else resolve_files(self.source)
 
     @property

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import TINY_MODEL, mixture_option, read_metrics, run_script
 from gptlab.data import EpochSampler
@@ -100,6 +101,11 @@ def test_a_mixture_run_takes_its_shares_and_scores_each_source(mixture_dirs, tmp
         cwd=tmp_path,
     )
     scores = json.loads((tmp_path / "scores.json").read_text())
+    # The checkpoint is a transformers model whose tokenizer has an end-of-text token.
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run" / "best")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "best")
+    assert tokenizer.eos_token == "<|endoftext|>"
+    assert model.config.eos_token_id == tokenizer.eos_token_id == 65
     assert scores["bits_per_byte"] == pytest.approx(scores["loss"] / math.log(2), rel=1e-4)
     assert scores["samples"] == 64
 
