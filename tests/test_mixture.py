@@ -3,6 +3,7 @@ resume), per-source scores in a run, and the mistakes a mixture refuses."""
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -132,3 +133,27 @@ def test_bad_mixtures_are_refused_with_one_line(mixture_dirs, tmp_path):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
         assert not (tmp_path / "run").exists()
+
+
+def test_the_mixture_config_is_checked_before_anything_runs():
+    from gptlab.config import load_config
+    from gptlab.errors import UserError
+
+    sources = '[{"dir": "data/a", "weight": 0.8}, {"dir": "data/b", "weight": 0.2, "name": "b2"}]'
+    config, _, _ = load_config(["--max_steps=1", f"--data.mixture={sources}"])
+    assert [(s.dir, s.weight, s.label) for s in config.data.mixture] == [
+        ("data/a", 0.8, "a"),
+        ("data/b", 0.2, "b2"),
+    ]
+    bad = [
+        ('[{"dir": "data/a", "weight": "high"}]', "'data.mixture[0].weight' must be float"),
+        ('[{"weight": 1}]', "data.mixture[0] needs a dir"),
+        ('[{"dir": "x/a", "weight": 1}, {"dir": "y/a", "weight": 1}]', "names 'a' twice"),
+        ('[{"dir": "data/a", "weight": Infinity}]', "give a positive share"),
+        ('{"dir": "data/a"}', "must be an object of keys"),
+    ]
+    for value, message in bad:
+        with pytest.raises(UserError, match=re.escape(message)):
+            load_config(["--max_steps=1", f"--data.mixture={value}"])
+    with pytest.raises(UserError, match="data.mixture replaces data.name and data.dir"):
+        load_config(["--max_steps=1", "--data.dir=data/x", f"--data.mixture={sources}"])
