@@ -117,7 +117,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         info = {"source": str(path)}
         data_info = {}
     model = build_model(model_config)
-    if "wte.weight" not in state:  # checkpoints written before the bridge hold our own names
+    # Our checkpoints written before the bridge hold our own names; everything else, transformers'
+    # (with or without their base-model prefix: the hub's gpt2 also has a `wte.weight`).
+    if not (ours and "wte.weight" in state):
         state = hf.from_hf_state(state, model_config, str(directory))
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed_missing = {"lm_head.weight"} if model_config.tie_embeddings else set()

@@ -70,6 +70,10 @@ IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
 SUPPORTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 
+# transformers' base_model_prefix of GPT2PreTrainedModel and LlamaPreTrainedModel: the causal LM
+# holds its base model (GPT2Model, LlamaModel) under this name, so base-model weights carry it too.
+BASE_MODEL_PREFIX = {"gpt": "transformer", "llama": "model"}
+
 
 def name_pairs(config: ModelConfig) -> list[tuple[str, str | tuple[str, ...]]]:
     """(our name, transformers' name or names) for every parameter of a model of this config."""
@@ -118,8 +122,20 @@ def to_hf_state(model: nn.Module) -> dict[str, Tensor]:
     return hf
 
 
+def with_base_model_prefix(hf: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    """The weights under the causal LM's names. A save of the base model alone (the hub's original
+    gpt2 checkpoints: `wte.weight`, `h.0.attn.c_attn.weight`) lacks the base_model_prefix
+    (`transformer.`); transformers adds it on loading, and so do we."""
+    prefix = BASE_MODEL_PREFIX[config.arch] + "."
+    if any(name.startswith(prefix) for name in hf):
+        return hf
+    return {name if name == "lm_head.weight" else prefix + name: w for name, w in hf.items()}
+
+
 def from_hf_state(hf: dict[str, Tensor], config: ModelConfig, source: str) -> dict[str, Tensor]:
-    """Our state dict from transformers-named weights; every weight must be used, none missing."""
+    """Our state dict from transformers-named weights (of the causal LM or of its base model alone);
+    every weight must be used, none missing."""
+    hf = with_base_model_prefix(hf, config)
     state, used, missing = {}, set(), []
     for ours, theirs in name_pairs(config):
         names = theirs if isinstance(theirs, tuple) else (theirs,)
@@ -189,7 +205,10 @@ def to_hf_config(config: ModelConfig, eos_token_id: int | None) -> dict:
         "head_dim": config.head_dim,
         "max_position_embeddings": config.block_size,
         "rms_norm_eps": config.norm_eps,
+        # transformers 5 reads rope_parameters; 4.x reads rope_theta (and without it silently
+        # takes 10000), so both are written.
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_theta": config.rope_theta,
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
