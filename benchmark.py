@@ -26,12 +26,11 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.nn import functional as F
 
-from gptlab.cli import ArgumentParser, positive_int
+from gptlab.cli import ArgumentParser, check_output_file, positive_int
 from gptlab.config import load_config
-from gptlab.data import EpochSampler, open_split
+from gptlab.data import EpochSampler, load_tokenizer, open_split
 from gptlab.errors import UserError, run_cli
 from gptlab.scheduler import RunSchedules
-from gptlab.tokenizer import Tokenizer
 from gptlab.training import (
     apply_settings,
     build_model,
@@ -67,6 +66,15 @@ def generation_speed(model: torch.nn.Module, new_tokens: int, device: torch.devi
     }
 
 
+def write_figures(output: str | None, result: dict) -> None:
+    if not output:
+        return
+    try:
+        Path(output).write_text(json.dumps(result, indent=2) + "\n")
+    except OSError as error:
+        raise UserError(f"could not write --output {output} ({error.strerror})") from None
+
+
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(prog="benchmark.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=positive_int, default=40, help="optimizer steps per round")
@@ -76,8 +84,7 @@ def main(argv: list[str]) -> None:
         "--generate", type=positive_int, help="time generating N tokens instead of training"
     )
     args, config_args = parser.parse_known_args(argv)
-    if args.output and not Path(args.output).resolve().parent.is_dir():
-        raise UserError(f"--output {args.output}: its directory does not exist; create it first")
+    check_output_file(args.output)
     config, name, overrides = load_config(config_args)
     if args.generate and config.model.block_size < PROMPT_TOKENS + args.generate:
         raise UserError(
@@ -91,7 +98,7 @@ def main(argv: list[str]) -> None:
     set_seed(config.seed)
     meta = open_data(config, accelerator)
     model_overrides = {k[6:]: v for k, v in overrides.items() if k.startswith("model.")}
-    model = build_model(config, meta, Tokenizer.load(config.data.path), model_overrides)
+    model = build_model(config, meta, load_tokenizer(config.data.path, meta), model_overrides)
     if args.generate:
         result = {"config": name, "device": str(accelerator.device), "new_tokens": args.generate}
         result.update(
@@ -103,8 +110,7 @@ def main(argv: list[str]) -> None:
             f"{result['no_cache_tokens_per_sec']:,.0f} tok/s ({result['speedup']:.1f}x), "
             f"same tokens: {result['same_tokens']}"
         )
-        if args.output:
-            Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        write_figures(args.output, result)
         return
     bare_model = copy.deepcopy(model).to(accelerator.device)
     split = open_split(config.data.path, meta, "train", config.model.block_size, config.seed)
@@ -193,9 +199,7 @@ def main(argv: list[str]) -> None:
         f"train.py {result['train_py_tokens_per_sec']:,.0f} tok/s, bare PyTorch "
         f"{result['bare_tokens_per_sec']:,.0f} tok/s, overhead {result['overhead_percent']:+.1f}%"
     )
-    if args.output:
-        with open(args.output, "w") as file:
-            json.dump(result, file, indent=2)
+    write_figures(args.output, result)
 
 
 if __name__ == "__main__":

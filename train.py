@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from gptlab import checkpoints, errors, snapshots, tasks, tracking
 from gptlab.config import Config, help_text, load_config
-from gptlab.data import EpochSampler, Split, fixed_subset, open_split
+from gptlab.data import EpochSampler, Split, fixed_subset, load_tokenizer, open_split
 from gptlab.errors import UserError, run_cli
 from gptlab.evaluation import Evaluator
 from gptlab.mfu import Throughput
@@ -65,6 +65,9 @@ def main(argv: list[str]) -> None:
         unit_scale=True,
         disable=not accelerator.is_main_process or not sys.stderr.isatty(),
     )
+    # On Ctrl-C the bar is closed first, so the line saying how to continue gets a line of its own.
+    rerun_hint = errors.interrupt_hint
+    errors.interrupt_hint = lambda: bar.close() or rerun_hint()
     while progress.tokens < run.total_tokens and run.stop_reason is None:
         # One optimizer step: the schedules' settings, this process's micro-batches, the update.
         settings = run.schedules.at(progress.tokens)
@@ -182,7 +185,7 @@ def start_run(config: Config, overrides: dict, accelerator: Accelerator) -> Run:
     # Every process builds the same initial weights from the same seed.
     set_seed(config.seed)
     meta = open_data(config, accelerator)
-    tokenizer = Tokenizer.load(config.data.path)
+    tokenizer = load_tokenizer(config.data.path, meta)
     model_overrides = {k[6:]: v for k, v in overrides.items() if k.startswith("model.")}
     raw_model = build_model(config, meta, tokenizer, model_overrides)
     train_split = open_split(config.data.path, meta, "train", config.model.block_size, config.seed)

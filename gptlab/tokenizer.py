@@ -6,6 +6,8 @@ AutoTokenizer can read both).
 """
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import tokenizers
@@ -14,6 +16,19 @@ from tokenizers import Regex, decoders, models, pre_tokenizers
 from gptlab.errors import UserError
 
 SPECIAL_TOKENS = ("<|endoftext|>",)
+
+
+@contextmanager
+def _refusing_corrupt(*files: Path) -> Iterator[None]:
+    """Turn the tokenizers library's error about an unreadable file into one line naming it."""
+    try:
+        yield
+    except Exception as error:  # tokenizers raises a bare Exception from Rust
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(
+            f"{' and '.join(map(str, files))}: not a valid tokenizer ({cause}); restore the file "
+            "from where it came, or prepare the data set again"
+        ) from None
 
 
 class Tokenizer:
@@ -34,11 +49,13 @@ class Tokenizer:
         """Load from a directory (tokenizer.json, or GPT-2's vocab.json + merges.txt) or a hub name."""
         path = Path(name_or_dir)
         if (path / "tokenizer.json").is_file():
-            return cls(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")))
+            with _refusing_corrupt(path / "tokenizer.json"):
+                return cls(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")))
         if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            bpe = tokenizers.ByteLevelBPETokenizer(
-                str(path / "vocab.json"), str(path / "merges.txt")
-            )
+            with _refusing_corrupt(path / "vocab.json", path / "merges.txt"):
+                bpe = tokenizers.ByteLevelBPETokenizer(
+                    str(path / "vocab.json"), str(path / "merges.txt")
+                )
             backend = bpe._tokenizer
             known = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is not None]
             backend.add_special_tokens(known)
