@@ -2,6 +2,11 @@
 
     python benchmark.py --config configs/shakespeare_cpu.json [--steps 40] [--rounds 9] [--key=value ...]
     python benchmark.py --config configs/shakespeare_cpu.json --generate 512 --model.block_size=528
+    python benchmark.py --prepare corpus.jsonl --tokenizer ../shared/data/gpt2-tokenizer --nanogpt
+
+With --prepare CORPUS it measures data preparation instead: `prepare_data.py text` on a .jsonl
+corpus with the tokenizer of --tokenizer, in tokens/s and peak resident memory, and with
+--nanogpt also nanoGPT's way on the same file (tiktoken through datasets.map; needs tiktoken).
 
 With --generate N it measures sampling instead: greedy generation of N tokens after a 16-token
 prompt, batch 1, with the key-value cache and without it (every step reruns the whole context).
@@ -26,17 +31,18 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.nn import functional as F
 
+from gptlab import preparation_speed
 from gptlab.cli import ArgumentParser, check_output_file, positive_int
 from gptlab.config import load_config
-from gptlab.data import EpochSampler, load_tokenizer, open_split
 from gptlab.errors import UserError, run_cli
 from gptlab.scheduler import RunSchedules
 from gptlab.training import (
     apply_settings,
     build_model,
+    data_vocabulary,
     fetch_micro_batches,
     mixed_precision_mode,
-    open_data,
+    open_training_data,
     train_step,
 )
 from models import count_parameters, generate, optimizer_groups
@@ -83,8 +89,18 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--generate", type=positive_int, help="time generating N tokens instead of training"
     )
+    parser.add_argument("--prepare", help="time preparing this .jsonl corpus instead of training")
+    parser.add_argument("--tokenizer", help="--prepare: a GPT-2 tokenizer directory")
+    parser.add_argument("--nanogpt", action="store_true", help="--prepare: nanoGPT's way too")
     args, config_args = parser.parse_known_args(argv)
     check_output_file(args.output)
+    if args.prepare:
+        if not args.tokenizer or config_args:
+            raise UserError("--prepare takes --tokenizer DIR (and --nanogpt, --output) only")
+        corpus, repo = Path(args.prepare), Path(__file__).resolve().parent
+        results = preparation_speed.compare(corpus, Path(args.tokenizer), args.nanogpt, repo)
+        preparation_speed.report(corpus, results, args.output)
+        return
     config, name, overrides = load_config(config_args)
     if args.generate and config.model.block_size < PROMPT_TOKENS + args.generate:
         raise UserError(
@@ -96,9 +112,9 @@ def main(argv: list[str]) -> None:
         dynamo_backend="inductor" if config.compile else "no",
     )
     set_seed(config.seed)
-    meta = open_data(config, accelerator)
+    meta, tokenizer = data_vocabulary(config, accelerator)
     model_overrides = {k[6:]: v for k, v in overrides.items() if k.startswith("model.")}
-    model = build_model(config, meta, load_tokenizer(config.data.path, meta), model_overrides)
+    model = build_model(config, meta, tokenizer, model_overrides)
     if args.generate:
         result = {"config": name, "device": str(accelerator.device), "new_tokens": args.generate}
         result.update(
@@ -113,8 +129,8 @@ def main(argv: list[str]) -> None:
         write_figures(args.output, result)
         return
     bare_model = copy.deepcopy(model).to(accelerator.device)
-    split = open_split(config.data.path, meta, "train", config.model.block_size, config.seed)
-    sampler = EpochSampler(split.num_samples, config.seed)
+    data = open_training_data(config, accelerator)
+    split, sampler = data.train_split, data.sampler
     accum = round(config.grad_accum.peak)
     step_samples = config.batch_size * accum * accelerator.num_processes
     step_tokens = step_samples * split.fetch([0])[0].size(1)

@@ -5,8 +5,8 @@
     accelerate launch evaluate.py ...      # the split is shared out over the processes
 
 Tasks: `adder` and `multiplier` score exact match of the whole answer number under greedy
-decoding (a non-digit token makes the answer wrong); `loss` gives the mean token loss and
-perplexity. The data set is the one the checkpoint was trained on unless --data_dir says otherwise.
+decoding (a non-digit token makes the answer wrong); `loss` gives the mean token loss,
+perplexity and bits per UTF-8 byte of text (text data sets). The data set is the one the checkpoint was trained on unless --data_dir says otherwise.
 """
 
 import argparse
@@ -52,8 +52,12 @@ def main(argv: list[str]) -> None:
     accelerator = Accelerator()
     checkpoint = load_checkpoint(args.checkpoint)
     if not (args.data_dir or checkpoint.data_info.get("dir")):
+        sources = [source["dir"] for source in checkpoint.data_info.get("mixture", [])]
         raise UserError(
-            f"{args.checkpoint} does not say what data it was trained on; pass --data_dir"
+            f"{args.checkpoint} was trained on a mixture of {', '.join(sources)}; pass one of "
+            "them as --data_dir"
+            if sources
+            else f"{args.checkpoint} does not say what data it was trained on; pass --data_dir"
         )
     data_dir = Path(args.data_dir or checkpoint.data_info["dir"])
     meta = read_meta(data_dir)

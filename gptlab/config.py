@@ -24,11 +24,27 @@ from models.config import ModelConfig
 
 
 @dataclass
+class MixtureSource:
+    dir: str = ""
+    """Directory of a prepared language-modelling data set."""
+    weight: float = 0.0
+    """Its share of the training samples (the weights are normalised to sum to 1)."""
+    name: str = ""
+    """Name in the logs (val_loss/<name>, tokens/<name>); empty means the directory's name."""
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.dir).name
+
+
+@dataclass
 class DataConfig:
     name: str = "adder"
     """Data set: a built-in name (shakespeare_char, adder, multiplier) or any set made by prepare_data.py."""
     dir: str = ""
     """Directory with the prepared files; empty means data/<name>."""
+    mixture: list[MixtureSource] = field(default_factory=list)
+    """Train on several prepared sets sharing one tokenizer instead: [{"dir": ..., "weight": 0.8}, ...]."""
     eval_samples: int = 256
     """Size of the fixed val subset (windows or examples) scored at every evaluation."""
     exact_match_samples: int = 256
@@ -37,6 +53,24 @@ class DataConfig:
     @property
     def path(self) -> Path:
         return Path(self.dir or f"data/{self.name}")
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.eval_samples < 1:
+            found.append("data.eval_samples must be at least 1")
+        if self.exact_match_samples < 0:
+            found.append("data.exact_match_samples must be 0 (off) or more")
+        if self.mixture and (self.dir or self.name != DataConfig.name):
+            found.append("data.mixture replaces data.name and data.dir; leave those out")
+        for i, source in enumerate(self.mixture):
+            if not source.dir:
+                found.append(f"data.mixture[{i}] needs a dir: the prepared data set to read")
+            if not (math.isfinite(source.weight) and source.weight > 0):
+                found.append(f"data.mixture[{i}].weight is {source.weight}; give a positive share")
+        labels = [source.label for source in self.mixture]
+        for label in sorted({label for label in labels if labels.count(label) > 1}):
+            found.append(f"data.mixture names {label!r} twice; give the sources distinct names")
+        return found
 
 
 @dataclass
@@ -166,10 +200,7 @@ class Config:
             found.append(f"nonfinite_loss is {self.nonfinite_loss!r}; use stop or skip")
         if not self.resume:
             found.append("resume is empty; use auto, never or the path of a snapshot")
-        if self.data.eval_samples < 1:
-            found.append("data.eval_samples must be at least 1")
-        if self.data.exact_match_samples < 0:
-            found.append("data.exact_match_samples must be 0 (off) or more")
+        found += self.data.problems()
         return found
 
 
@@ -196,6 +227,8 @@ def _check_value(key: str, value, annotation):
         raise UserError(f"config key '{key}' must be a finite number, got {value}")
     if origin is list:
         (item,) = typing.get_args(annotation)
+        if is_dataclass(item) and isinstance(value, list):  # a list of objects, each checked
+            return [build(item, v, f"{key}[{i}].") for i, v in enumerate(value)]
         if isinstance(value, list) and all(isinstance(v, item) for v in value):
             return value
     elif isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
@@ -230,7 +263,8 @@ def _all_keys(cls, prefix: str = "") -> list[str]:
 
 
 def _suggestion(prefix: str, key: str, cls) -> str:
-    candidates = _all_keys(Config)
+    # Inside a list item (data.mixture[0].) only the item's own keys can be meant.
+    candidates = [] if "[" in prefix else _all_keys(Config)
     close = difflib.get_close_matches(prefix + key, candidates, n=1, cutoff=0.6)
     if not close:
         close = difflib.get_close_matches(key, [f.name for f in fields(cls)], n=1, cutoff=0.5)

@@ -11,6 +11,7 @@ The memmap is opened anew for every batch, so reading never accumulates resident
 """
 
 import json
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,17 @@ def load_tokenizer(data_dir: Path, meta: dict) -> Tokenizer:
             f"says vocab_size {meta['vocab_size']}; prepare the data set again with prepare_data.py"
         )
     return tokenizer
+
+
+def bits_per_byte(loss: float, meta: dict, split: str) -> float | None:
+    """A mean token loss (nats) on a split as bits per UTF-8 byte of its text: the loss times the
+    split's tokens per byte, over ln 2. It does not depend on the vocabulary, so character and
+    BPE models compare. None for data sets without byte counts (arithmetic, older text sets)."""
+    n_bytes = (meta.get("bytes") or {}).get(split)
+    n_tokens = (meta.get("splits") or {}).get(split)
+    if not n_bytes or not n_tokens:
+        return None
+    return loss * n_tokens / n_bytes / math.log(2)
 
 
 @dataclass

@@ -49,6 +49,7 @@ BREAKING_KEYS = (
     "model.",
     "data.name",
     "data.dir",
+    "data.mixture",
     "seed",
     "batch_size",
     "grad_accum.",
