@@ -32,7 +32,7 @@ from accelerate.utils import set_seed
 from torch.nn import functional as F
 
 from gptlab import preparation_speed
-from gptlab.cli import ArgumentParser, positive_int
+from gptlab.cli import ArgumentParser, check_output_file, positive_int
 from gptlab.config import load_config
 from gptlab.errors import UserError, run_cli
 from gptlab.scheduler import RunSchedules
@@ -72,6 +72,15 @@ def generation_speed(model: torch.nn.Module, new_tokens: int, device: torch.devi
     }
 
 
+def write_figures(output: str | None, result: dict) -> None:
+    if not output:
+        return
+    try:
+        Path(output).write_text(json.dumps(result, indent=2) + "\n")
+    except OSError as error:
+        raise UserError(f"could not write --output {output} ({error.strerror})") from None
+
+
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(prog="benchmark.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=positive_int, default=40, help="optimizer steps per round")
@@ -84,8 +93,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--tokenizer", help="--prepare: a GPT-2 tokenizer directory")
     parser.add_argument("--nanogpt", action="store_true", help="--prepare: nanoGPT's way too")
     args, config_args = parser.parse_known_args(argv)
-    if args.output and not Path(args.output).resolve().parent.is_dir():
-        raise UserError(f"--output {args.output}: its directory does not exist; create it first")
+    check_output_file(args.output)
     if args.prepare:
         if not args.tokenizer or config_args:
             raise UserError("--prepare takes --tokenizer DIR (and --nanogpt, --output) only")
@@ -118,8 +126,7 @@ def main(argv: list[str]) -> None:
             f"{result['no_cache_tokens_per_sec']:,.0f} tok/s ({result['speedup']:.1f}x), "
             f"same tokens: {result['same_tokens']}"
         )
-        if args.output:
-            Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        write_figures(args.output, result)
         return
     bare_model = copy.deepcopy(model).to(accelerator.device)
     data = open_training_data(config, accelerator)
@@ -208,9 +215,7 @@ def main(argv: list[str]) -> None:
         f"train.py {result['train_py_tokens_per_sec']:,.0f} tok/s, bare PyTorch "
         f"{result['bare_tokens_per_sec']:,.0f} tok/s, overhead {result['overhead_percent']:+.1f}%"
     )
-    if args.output:
-        with open(args.output, "w") as file:
-            json.dump(result, file, indent=2)
+    write_figures(args.output, result)
 
 
 if __name__ == "__main__":

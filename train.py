@@ -65,6 +65,9 @@ def main(argv: list[str]) -> None:
         unit_scale=True,
         disable=not accelerator.is_main_process or not sys.stderr.isatty(),
     )
+    # On Ctrl-C the bar is closed first, so the line saying how to continue gets a line of its own.
+    rerun_hint = errors.interrupt_hint
+    errors.interrupt_hint = lambda: bar.close() or rerun_hint()
     while progress.tokens < run.total_tokens and run.stop_reason is None:
         # One optimizer step: the schedules' settings, this process's micro-batches, the update.
         settings = run.schedules.at(progress.tokens)

@@ -8,7 +8,8 @@ so tools built on transformers find it.
 """
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import tokenizers
@@ -24,6 +25,19 @@ BYTE_ALPHABET = 256
 def _named_token(value) -> str | None:
     """A token as tokenizer_config.json writes it: a string or {"content": ...}."""
     return value.get("content") if isinstance(value, dict) else value
+
+
+@contextmanager
+def _refusing_corrupt(*files: Path) -> Iterator[None]:
+    """Turn the tokenizers library's error about an unreadable file into one line naming it."""
+    try:
+        yield
+    except Exception as error:  # tokenizers raises a bare Exception from Rust
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(
+            f"{' and '.join(map(str, files))}: not a valid tokenizer ({cause}); restore the file "
+            "from where it came, or prepare the data set again"
+        ) from None
 
 
 class Tokenizer:
@@ -66,12 +80,14 @@ class Tokenizer:
         """Load from a directory (tokenizer.json, or GPT-2's vocab.json + merges.txt) or a hub name."""
         path = Path(name_or_dir)
         if (path / "tokenizer.json").is_file():
-            backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+            with _refusing_corrupt(path / "tokenizer.json"):
+                backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
             return cls(backend, _configured_eos(path))
         if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            bpe = tokenizers.ByteLevelBPETokenizer(
-                str(path / "vocab.json"), str(path / "merges.txt")
-            )
+            with _refusing_corrupt(path / "vocab.json", path / "merges.txt"):
+                bpe = tokenizers.ByteLevelBPETokenizer(
+                    str(path / "vocab.json"), str(path / "merges.txt")
+                )
             backend = bpe._tokenizer
             known = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is not None]
             backend.add_special_tokens(known)

@@ -20,7 +20,15 @@ from accelerate.utils import broadcast_object_list
 import models
 from gptlab import checkpoints, tasks
 from gptlab.config import Config, MixtureSource
-from gptlab.data import EpochSampler, Split, bits_per_byte, fixed_subset, open_split, read_meta
+from gptlab.data import (
+    EpochSampler,
+    Split,
+    bits_per_byte,
+    fixed_subset,
+    load_tokenizer,
+    open_split,
+    read_meta,
+)
 from gptlab.errors import UserError
 from gptlab.evaluation import ValSet
 from gptlab.mixture import MixtureSampler, MixtureSplit
@@ -140,8 +148,10 @@ def data_vocabulary(config: Config, accelerator: Accelerator) -> tuple[dict, Tok
     first source: the sources must share them)."""
     if config.data.mixture:
         data_dir = Path(config.data.mixture[0].dir)
-        return read_source_meta(data_dir), Tokenizer.load(data_dir)
-    return open_data(config, accelerator), Tokenizer.load(config.data.path)
+        meta = read_source_meta(data_dir)
+    else:
+        data_dir, meta = config.data.path, open_data(config, accelerator)
+    return meta, load_tokenizer(data_dir, meta)
 
 
 def read_source_meta(data_dir: Path) -> dict:
