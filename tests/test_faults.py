@@ -266,7 +266,7 @@ DROPOUT_PROBE = """
     accelerator = Accelerator()
     run = train.start_run(config, overrides, accelerator)
     weights = torch.cat([p.detach().flatten() for p in run.raw_model.parameters()])
-    inputs, targets = run.train_split.fetch([0, 1, 2, 3])  # the same samples on every process
+    inputs, targets = run.data.train_split.fetch([0, 1, 2, 3])  # the same samples on every process
     loss = run.raw_model(inputs, targets)  # in training mode: through the dropout masks
     weights, losses = accelerator.gather(weights[None]), accelerator.gather(loss.detach()[None])
     if accelerator.is_main_process:

@@ -141,7 +141,7 @@ def test_small_corpora_still_get_both_splits_or_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="single document"):
         prepare_corpus(Corpus(str(single)), "char", tmp_path / "single")
     empty = write_jsonl(tmp_path / "empty.jsonl", ["", ""])
-    with pytest.raises(UserError, match="holds no text"):
+    with pytest.raises(UserError, match="is empty"):
         prepare_corpus(Corpus(str(empty)), str(GPT2), tmp_path / "empty")
     assert not (tmp_path / "single").exists() and not (tmp_path / "empty").exists()
 

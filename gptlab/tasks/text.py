@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gptlab import storage
-from gptlab.cli import fraction, non_negative_int
+from gptlab.cli import fraction, random_seed
 from gptlab.corpus import Corpus, count_characters
 from gptlab.data import bits_per_byte, is_data_set, token_dtype, write_data_set
 from gptlab.errors import UserError
@@ -183,7 +183,9 @@ def make_tokenizer(spec: str, corpus: Corpus, plan) -> Tokenizer:
         for text in plan.all_texts(corpus):
             chars.update(text)
         if not chars:
-            raise UserError(f"{corpus.describe()} holds no text; give a corpus with text in it")
+            raise UserError(
+                f"{corpus.describe()} is empty (no text in it); give a corpus with text"
+            )
         return Tokenizer.from_chars("".join(chars))
     if spec.startswith("bpe:"):
         size = bpe_size(spec)  # checked before anything is read
@@ -300,8 +302,8 @@ def write_splits(tmp_dir: Path, corpus: Corpus, plan, tokenizer: Tokenizer) -> d
     bar.close()
     seconds = time.perf_counter() - started
     documents = train.documents + val.documents
-    if documents == 0:
-        raise UserError(f"{corpus.describe()} holds no text; give a corpus with text in it")
+    if documents == 0 or train.bytes + val.bytes == 0:
+        raise UserError(f"{corpus.describe()} is empty (no text in it); give a corpus with text")
     if isinstance(plan, DocumentSplit):
         if documents == 1:
             raise UserError(
@@ -432,7 +434,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         help="share of documents drawn for val (of characters, for a one-document corpus)",
     )
     parser.add_argument(
-        "--seed", type=non_negative_int, default=1337, help="seed of the val draw (default 1337)"
+        "--seed", type=random_seed, default=1337, help="seed of the val draw (default 1337)"
     )
 
 
