@@ -8,10 +8,11 @@ working directory and of the shared inputs (a prepared adder set, a tiny trained
 set) are byte for byte what they were.
 
 Most cases fail while the flags and the config are checked, before any model is built; the
-shared inputs are made once per session.
+shared inputs are made once per session, and the cases run side by side (see `outcomes`).
 """
 
 import errno
+import fcntl
 import json
 import os
 import pty
@@ -19,10 +20,13 @@ import re
 import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -307,9 +311,6 @@ CASES: dict[str, Case] = {
     "train-out-dir-inside-the-data": Case(
         "train.py", [*TRAIN, "--out_dir={adder}/run"], "overlaps"
     ),
-    "train-out-dir-is-a-file": Case(
-        "train.py", [*TRAIN, "--out_dir=notes.txt"], "is a file", write("notes.txt", "x")
-    ),
     "train-read-only-disk": Case("train.py", TRAIN, "Read-only file system", disk="EROFS"),
     "train-full-disk": Case("train.py", TRAIN, "No space left on device", disk="ENOSPC"),
     "train-rerun-on-a-read-only-disk-fails-at-metrics.jsonl": Case(
@@ -324,28 +325,20 @@ CASES: dict[str, Case] = {
         "train.py", [*TRAIN, "--optim.grad_clip=-1"], "optim.grad_clip"
     ),
     "train-max-steps-inf": Case("train.py", [*TRAIN, "--max_steps=inf"], "max_steps"),
-    "train-max-steps-nan": Case("train.py", [*TRAIN, "--max_steps=nan"], "max_steps"),
-    "train-max-steps-negative": Case("train.py", [*TRAIN, "--max_steps=-5"], "max_steps"),
     "train-max-steps-zero": Case("train.py", [*TRAIN, "--max_steps=0"], "max_steps"),
     "train-max-tokens-overflows": Case(
         "train.py", [*TRAIN, "--max_steps=0", "--max_tokens=1e400"], "max_tokens"
     ),
     "train-seed-negative": Case("train.py", [*TRAIN, "--seed=-1"], "seed"),
-    "train-seed-nan": Case("train.py", [*TRAIN, "--seed=nan"], "seed"),
     "train-beta1-nan": Case("train.py", [*TRAIN, "--optim.beta1=nan"], "optim.beta1"),
     "train-beta1-one": Case("train.py", [*TRAIN, "--optim.beta1=1"], "optim.beta1"),
     "train-beta2-negative": Case("train.py", [*TRAIN, "--optim.beta2=-0.5"], "optim.beta2"),
     "train-eps-zero": Case("train.py", [*TRAIN, "--optim.eps=0"], "optim.eps"),
     "train-lr-inf": Case("train.py", [*TRAIN, "--lr.peak=inf"], "lr.peak"),
-    "train-weight-decay-negative": Case(
-        "train.py", [*TRAIN, "--weight_decay.peak=-0.1"], "weight_decay.peak"
-    ),
     "train-exponent-inf": Case(
         "train.py", [*TRAIN, "--lr.style=power", "--lr.exponent=inf"], "lr.exponent"
     ),
     "train-batch-size-zero": Case("train.py", [*TRAIN, "--batch_size=0"], "batch_size"),
-    "train-batch-size-fraction": Case("train.py", [*TRAIN, "--batch_size=2.5"], "batch_size"),
-    "train-dropout-nan": Case("train.py", [*TRAIN, "--model.dropout=nan"], "model.dropout"),
     "train-rope-theta-zero": Case(
         "train.py", [*TRAIN, "--model.arch=llama", "--model.rope_theta=0"], "model.rope_theta"
     ),
@@ -356,7 +349,6 @@ CASES: dict[str, Case] = {
     "train-exact-match-samples-negative": Case(
         "train.py", [*TRAIN, "--data.exact_match_samples=-1"], "data.exact_match_samples"
     ),
-    "train-keep-snapshots-zero": Case("train.py", [*TRAIN, "--keep_snapshots=0"], "keep_snapshots"),
     "train-block-size-too-small": Case(
         "train.py", [*TRAIN, "--model.block_size=4"], "model.block_size"
     ),
@@ -388,7 +380,6 @@ CASES: dict[str, Case] = {
     "train-config-not-an-object": Case(
         "train.py", ["--config=cfg.json", *TRAIN], "object", write("cfg.json", "[1, 2]")
     ),
-    "train-config-missing": Case("train.py", ["--config=nope.json", *TRAIN], "not found"),
     # train.py: data sets and checkpoints
     "train-token-file-truncated": Case(
         "train.py", [*TRAIN, "--data.dir=data"], "truncated", adder_copy(cut("train.bin"))
@@ -408,12 +399,6 @@ CASES: dict[str, Case] = {
         "meta.json is corrupt",
         adder_copy(replace("meta.json", '{"format": "examples"')),
     ),
-    "train-meta-not-utf8": Case(
-        "train.py",
-        [*TRAIN, "--data.dir=data"],
-        "meta.json",
-        adder_copy(replace("meta.json", b'{"format": "\xff"}')),
-    ),
     "train-tokenizer-corrupt": Case(
         "train.py",
         [*TRAIN, "--data.dir=data"],
@@ -426,23 +411,15 @@ CASES: dict[str, Case] = {
         "vocab",
         adder_copy(lambda d: Tokenizer.from_chars("abc").save(d)),
     ),
-    "train-split-missing": Case(
-        "train.py",
-        [*TRAIN, "--data.dir=data"],
-        "val.bin",
-        adder_copy(lambda d: (d / "val.bin").unlink()),
-    ),
     "train-data-missing": Case(
         "train.py", [*TRAIN, "--data.name=corpus", "--data.dir=nope"], "no prepared data set"
     ),
-    "train-resume-snapshot-missing": Case("train.py", [*TRAIN, "--resume=nope"], "does not exist"),
     "train-resume-every-snapshot-corrupt": Case(
         "train.py",
         [*RUN_ARGS, "--out_dir=run"],
         "no valid snapshot",
         run_copy(all_snapshot_manifests('{"files": ')),
     ),
-    "train-init-from-missing": Case("train.py", [*TRAIN, "--init_from=./nope"], "does not exist"),
     "train-init-from-another-vocabulary": Case(
         "train.py", [*TRAIN, "--data.dir={text}", "--init_from={run}"], "tokenizer"
     ),
@@ -450,7 +427,6 @@ CASES: dict[str, Case] = {
     "evaluate-batch-size-negative": Case(
         "evaluate.py", [*EVAL, "--batch_size", "-1"], "--batch_size"
     ),
-    "evaluate-batch-size-zero": Case("evaluate.py", [*EVAL, "--batch_size=0"], "--batch_size"),
     "evaluate-batch-size-inf": Case("evaluate.py", [*EVAL, "--batch_size=inf"], "--batch_size"),
     "evaluate-max-samples-negative": Case(
         "evaluate.py", [*EVAL, "--max_samples", "-1"], "--max_samples"
@@ -472,9 +448,6 @@ CASES: dict[str, Case] = {
     ),
     "evaluate-checkpoint-missing": Case(
         "evaluate.py", [*EVAL, "--checkpoint=./nope"], "does not exist"
-    ),
-    "evaluate-checkpoint-is-a-data-set": Case(
-        "evaluate.py", [*EVAL, "--checkpoint={adder}"], "not a checkpoint"
     ),
     "evaluate-checkpoint-manifest-corrupt": Case(
         "evaluate.py",
@@ -523,9 +496,6 @@ CASES: dict[str, Case] = {
     "generate-temperature-inf": Case(
         "generate.py", [*GENERATE, "--temperature=inf"], "--temperature"
     ),
-    "generate-temperature-negative": Case(
-        "generate.py", [*GENERATE, "--temperature=-1"], "--temperature"
-    ),
     "generate-num-samples-zero": Case(
         "generate.py", [*GENERATE, "--num_samples=0"], "--num_samples"
     ),
@@ -535,9 +505,7 @@ CASES: dict[str, Case] = {
     "generate-max-new-tokens-negative": Case(
         "generate.py", [*GENERATE, "--max_new_tokens=-1"], "--max_new_tokens"
     ),
-    "generate-top-k-negative": Case("generate.py", [*GENERATE, "--top_k=-1"], "--top_k"),
     "generate-top-p-zero": Case("generate.py", [*GENERATE, "--top_p=0"], "--top_p"),
-    "generate-top-p-nan": Case("generate.py", [*GENERATE, "--top_p=nan"], "--top_p"),
     "generate-seed-negative": Case("generate.py", [*GENERATE, "--seed=-1"], "--seed"),
     "generate-device-unknown": Case("generate.py", [*GENERATE, "--device=banana"], "--device"),
     "generate-device-absent": Case("generate.py", [*GENERATE, "--device=cuda:99"], "--device"),
@@ -561,11 +529,7 @@ CASES: dict[str, Case] = {
     # prepare_data.py
     "prepare-digits-zero": Case("prepare_data.py", ["adder", "--digits", "0"], "--digits"),
     "prepare-digits-seven": Case("prepare_data.py", ["adder", "--digits", "7"], "--digits"),
-    "prepare-digits-nan": Case("prepare_data.py", ["multiplier", "--digits=nan"], "--digits"),
     "prepare-seed-negative": Case("prepare_data.py", ["adder", "--seed", "-1"], "--seed"),
-    "prepare-val-fraction-zero": Case(
-        "prepare_data.py", ["adder", "--val_fraction=0"], "--val_fraction"
-    ),
     "prepare-fractions-leave-no-train": Case(
         "prepare_data.py", ["adder", "--val_fraction=0.6", "--test_fraction=0.5"], "--test_fraction"
     ),
@@ -596,12 +560,6 @@ CASES: dict[str, Case] = {
         "UTF-8",
         write("in.txt", b"caf\xe9 au lait\n"),
     ),
-    "prepare-shakespeare-not-utf8": Case(
-        "prepare_data.py",
-        ["shakespeare_char", "--input=in.txt"],
-        "UTF-8",
-        write("in.txt", b"caf\xe9 au lait\n"),
-    ),
     "prepare-text-empty": Case(
         "prepare_data.py", ["text", "--input=in.txt"], "empty", write("in.txt", "")
     ),
@@ -629,10 +587,8 @@ CASES: dict[str, Case] = {
     "prepare-unknown-command": Case("prepare_data.py", ["addr"], "invalid choice"),
     # benchmark.py
     "benchmark-steps-zero": Case("benchmark.py", [*BENCH, "--steps=0"], "--steps"),
-    "benchmark-steps-negative": Case("benchmark.py", [*BENCH, "--steps", "-3"], "--steps"),
     "benchmark-steps-inf": Case("benchmark.py", [*BENCH, "--steps=inf"], "--steps"),
     "benchmark-rounds-zero": Case("benchmark.py", [*BENCH, "--rounds=0"], "--rounds"),
-    "benchmark-rounds-nan": Case("benchmark.py", [*BENCH, "--rounds=nan"], "--rounds"),
     "benchmark-generate-zero": Case("benchmark.py", [*BENCH, "--generate=0"], "--generate"),
     "benchmark-generate-past-the-context": Case(
         "benchmark.py", [*BENCH, "--generate=100"], "model.block_size"
@@ -647,7 +603,6 @@ CASES: dict[str, Case] = {
         "benchmark.py", [*BENCH, "--data.name=corpus", "--data.dir=nope"], "no prepared data set"
     ),
     # plot.py
-    "plot-run-missing": Case("plot.py", ["nope"], "no metrics.jsonl"),
     "plot-no-training-events": Case(
         "plot.py", ["r"], "no training events", metrics('{"step": 0, "message": "starting"}')
     ),
@@ -683,33 +638,65 @@ def read_only_wrapper(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_gets_one_line_exit_2_and_changes_nothing(
-    name, inputs, read_only_wrapper, tmp_path
-):
-    case = CASES[name]
-    cwd = tmp_path / "cwd"
+@dataclass
+class Outcome:
+    result: subprocess.CompletedProcess
+    cwd_changed: bool
+
+
+def run_case(case: Case, cwd: Path, inputs: dict[str, Path], read_only_wrapper: Path) -> Outcome:
+    """Set up the working directory, run the script there as a user would, compare the tree."""
     cwd.mkdir()
     if case.setup:
         case.setup(cwd, inputs)
-    watched = {"cwd": cwd, **inputs}
-    before = {key: file_tree(path) for key, path in watched.items()}
+    before = file_tree(cwd)
     args = fill(case.args, inputs)
+    env = {"OMP_NUM_THREADS": "1"}  # the cases run side by side
     if case.disk:
-        env = {"READ_ONLY_ROOT": str(cwd), "READ_ONLY_ERRNO": case.disk}
-        result = run_script(
-            str(read_only_wrapper), str(REPO / case.script), *args, cwd=cwd, check=False, env=env
-        )
+        env.update(READ_ONLY_ROOT=str(cwd), READ_ONLY_ERRNO=case.disk)
+        script, args = str(read_only_wrapper), [str(REPO / case.script), *args]
     else:
-        result = run_script(case.script, *args, cwd=cwd, check=False)
+        script = case.script
+    result = run_script(script, *args, cwd=cwd, check=False, env=env)
+    return Outcome(result, file_tree(cwd) != before)
+
+
+@pytest.fixture(scope="session")
+def outcomes(request, inputs, read_only_wrapper, tmp_path_factory) -> tuple[dict, list[str]]:
+    """Every selected case, run a few at a time: a case is mostly Python starting and importing
+    torch, so running them side by side takes the table from minutes to half that on 2 cores.
+    Returns {case: Outcome} and the shared inputs that any case changed (compared before and
+    after all of them)."""
+    selected = [
+        item.callspec.params["name"]
+        for item in request.session.items
+        if item.originalname == "test_bad_input_gets_one_line_exit_2_and_changes_nothing"
+    ]
+    root = tmp_path_factory.mktemp("cases")
+    shared_before = {key: file_tree(path) for key, path in inputs.items()}
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        futures = {
+            name: pool.submit(run_case, CASES[name], root / name, inputs, read_only_wrapper)
+            for name in selected
+        }
+        found = {name: future.result() for name, future in futures.items()}
+    changed = [key for key, path in inputs.items() if file_tree(path) != shared_before[key]]
+    return found, changed
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_gets_one_line_exit_2_and_changes_nothing(name, outcomes):
+    found, shared_inputs_changed = outcomes
+    case, outcome = CASES[name], found[name]
+    result = outcome.result
     lines = result.stderr.splitlines()
     assert result.returncode == 2, result.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
     assert case.message in lines[0]
     if case.absent:
         assert case.absent not in lines[0]
-    for key, path in watched.items():
-        assert file_tree(path) == before[key], f"{key} ({path}) changed"
+    assert not outcome.cwd_changed, "the working directory changed"
+    assert shared_inputs_changed == [], "a case of the table changed a shared input"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -757,6 +744,8 @@ def test_ctrl_c_under_the_progress_bar_says_which_snapshot_a_rerun_continues_fro
     run_dir = tmp_path / "run"
     args = [*fill(LONG_RUN, inputs), f"--out_dir={run_dir}"]
     controller, terminal = pty.openpty()
+    # A terminal 120 columns wide: a new pty has 0 columns, and tqdm would draw an empty bar.
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
     environment = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
     process = subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), *args],
@@ -780,7 +769,7 @@ def test_ctrl_c_under_the_progress_bar_says_which_snapshot_a_rerun_continues_fro
         return data.decode(errors="replace") or None
 
     # Interrupt once a checkpoint has been saved and the bar (with its postfix) redrawn after it.
-    under_the_bar = re.compile(r"saved .*\n.*tok/s, step=")
+    under_the_bar = re.compile(r"saved .*\n.*tok/s, batch=")
     text = interrupt_when(process, output, lambda t: under_the_bar.search(t) is not None)
     os.close(controller)
     assert process.wait(timeout=60) == 130, text[-3000:]
