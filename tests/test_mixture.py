@@ -149,7 +149,7 @@ def test_the_mixture_config_is_checked_before_anything_runs():
         ('[{"dir": "data/a", "weight": "high"}]', "'data.mixture[0].weight' must be float"),
         ('[{"weight": 1}]', "data.mixture[0] needs a dir"),
         ('[{"dir": "x/a", "weight": 1}, {"dir": "y/a", "weight": 1}]', "names 'a' twice"),
-        ('[{"dir": "data/a", "weight": Infinity}]', "give a positive share"),
+        ('[{"dir": "data/a", "weight": Infinity}]', "must be a finite number"),
         ('{"dir": "data/a"}', "must be an object of keys"),
     ]
     for value, message in bad:
