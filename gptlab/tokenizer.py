@@ -103,8 +103,9 @@ class Tokenizer:
             return cls(hub.backend_tokenizer, hub.eos_token)
         except OSError as error:
             raise UserError(
-                f"could not load tokenizer {name_or_dir!r} ({error.__class__.__name__}); "
-                "pass a local directory with tokenizer.json or vocab.json + merges.txt"
+                f"could not load tokenizer {name_or_dir!r} from the Hugging Face Hub "
+                f"({error.__class__.__name__}; the first load needs the network); pass a local "
+                "directory with tokenizer.json or vocab.json + merges.txt"
             ) from None
 
     def with_end_of_text(self) -> "Tokenizer":

@@ -88,11 +88,11 @@ class Batch:
 NEWLINE_BETWEEN_WORDS = re.compile(r"(?<=\S)\n(?=\S)")
 
 
-def cut_into_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
-    """A long text in pieces of about `size` characters, cut only at a newline between two
+def cut_into_pieces(text: str) -> list[str]:
+    """A long text in pieces of about PIECE_CHARS characters, cut only at a newline between two
     non-space characters. GPT-2-style pre-tokenization always splits there, so the pieces
     encode to exactly the tokens of the whole (for byte-level BPE and characters)."""
-    pieces, start = [], 0
+    size, pieces, start = PIECE_CHARS, [], 0
     while len(text) - start > size:
         match = NEWLINE_BETWEEN_WORDS.search(text, start + size)
         if match is None:
