@@ -3,6 +3,7 @@
     python benchmark.py --config configs/shakespeare_cpu.json [--steps 40] [--rounds 9] [--key=value ...]
     python benchmark.py --config configs/gpt2_124m.json          # random tokens: no data set needed
     python benchmark.py --config configs/shakespeare_cpu.json --generate 48 [--checkpoint out/shakespeare_cpu]
+    python benchmark.py --prepare corpus.jsonl --tokenizer ../shared/data/gpt2-tokenizer --nanogpt
 
 Both loops train identical copies of the model on the same batches with the same optimizer. The
 train.py side runs its whole step: schedule lookup, reading the micro-batches through the sampler
@@ -18,6 +19,10 @@ With --generate N it measures sampling instead: greedy generation of N tokens af
 prompt, batch 1, with our key-value cache, without it (every step reruns the whole context), and
 with transformers' `generate` on the same model exported as a checkpoint (the model of
 --checkpoint, or a fresh one of the config). The model's context must hold prompt + N.
+
+With --prepare CORPUS it measures data preparation instead: `prepare_data.py text` on a .jsonl
+corpus with the tokenizer of --tokenizer, in tokens/s and peak resident memory, and with
+--nanogpt also nanoGPT's way on the same file (tiktoken through datasets.map; needs tiktoken).
 """
 
 import copy
@@ -35,9 +40,9 @@ from accelerate.utils import set_seed
 
 import models
 from gptlab.checkpoints import load_checkpoint, save_checkpoint
-from gptlab.cli import ArgumentParser, positive_int
+from gptlab.cli import ArgumentParser, check_output_file, positive_int
 from gptlab.config import load_config
-from gptlab.data import EpochSampler, is_data_set, open_split
+from gptlab.data import EpochSampler, is_data_set
 from gptlab.errors import UserError, run_cli
 from gptlab.mfu import Throughput
 from gptlab.scheduler import RunSchedules
@@ -46,9 +51,10 @@ from gptlab.training import (
     BatchReader,
     apply_settings,
     build_model,
+    data_vocabulary,
     make_optimizer,
     mixed_precision_mode,
-    open_data,
+    open_training_data,
     padded_vocab_size,
     train_step,
     use_cpu_cores,
@@ -138,6 +144,15 @@ def generation_speed(model: torch.nn.Module, tokenizer: Tokenizer, new_tokens: i
     }
 
 
+def write_figures(output: str | None, result: dict) -> None:
+    if not output:
+        return
+    try:
+        Path(output).write_text(json.dumps(result, indent=2) + "\n")
+    except OSError as error:
+        raise UserError(f"could not write --output {output} ({error.strerror})") from None
+
+
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(prog="benchmark.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=positive_int, default=40, help="optimizer steps per round")
@@ -150,11 +165,22 @@ def main(argv: list[str]) -> None:
         "--generate", type=positive_int, help="time generating N tokens instead of training"
     )
     parser.add_argument("--checkpoint", help="with --generate: time this checkpoint's model")
+    parser.add_argument("--prepare", help="time preparing this .jsonl corpus instead of training")
+    parser.add_argument("--tokenizer", help="--prepare: a GPT-2 tokenizer directory")
+    parser.add_argument("--nanogpt", action="store_true", help="--prepare: nanoGPT's way too")
     args, config_args = parser.parse_known_args(argv)
-    if args.output and not Path(args.output).resolve().parent.is_dir():
-        raise UserError(f"--output {args.output}: its directory does not exist; create it first")
+    check_output_file(args.output)
     if args.checkpoint and not args.generate:
         raise UserError("--checkpoint only goes with --generate N")
+    if args.prepare:
+        if not args.tokenizer or config_args:
+            raise UserError("--prepare takes --tokenizer DIR (and --nanogpt, --output) only")
+        from gptlab import preparation_speed  # needs datasets and tiktoken, as training does not
+
+        corpus, repo = Path(args.prepare), Path(__file__).resolve().parent
+        results = preparation_speed.compare(corpus, Path(args.tokenizer), args.nanogpt, repo)
+        preparation_speed.report(corpus, results, args.output)
+        return
     config, name, overrides = load_config(config_args)
     use_fast_matmuls()
     accelerator = Accelerator(
@@ -184,8 +210,7 @@ def main(argv: list[str]) -> None:
             f"{result['overhead_percent']:+.1f}%, peak memory {result['peak_memory_gb']:.2f} GB "
             f"({result['peak_memory_of']})"
         )
-    if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    write_figures(args.output, result)
 
 
 def benchmark_generation(config, overrides: dict, args, accelerator: Accelerator) -> dict:
@@ -195,8 +220,7 @@ def benchmark_generation(config, overrides: dict, args, accelerator: Accelerator
         check_context(model.config.block_size, args.generate, "")
     else:
         check_context(config.model.block_size, args.generate, "add --model.block_size=")
-        meta = open_data(config, accelerator)
-        tokenizer = Tokenizer.load(config.data.path)
+        meta, tokenizer = data_vocabulary(config, accelerator)
         model_overrides = {k[6:]: v for k, v in overrides.items() if k.startswith("model.")}
         model = build_model(config, meta, tokenizer, model_overrides)
     result = {"device": str(accelerator.device), "new_tokens": args.generate}
@@ -220,7 +244,8 @@ def check_context(block_size: int, new_tokens: int, fix: str) -> None:
 
 
 def benchmark_training(config, name: str, overrides: dict, args, accelerator: Accelerator) -> dict:
-    random_tokens = args.random_tokens or not is_data_set(config.data.path)
+    has_data = config.data.mixture or is_data_set(config.data.path)
+    random_tokens = args.random_tokens or not has_data
     if random_tokens:
         if config.model.vocab_size < 1:
             raise UserError(
@@ -230,20 +255,20 @@ def benchmark_training(config, name: str, overrides: dict, args, accelerator: Ac
         config.model.vocab_size = padded_vocab_size(config.model)
         model = models.build_model(config.model)
         split = RandomTokens(config.model.vocab_size, config.model.block_size, 4096, config.seed)
+        sampler = EpochSampler(split.num_samples, config.seed)
     else:
-        meta = open_data(config, accelerator)
+        meta, tokenizer = data_vocabulary(config, accelerator)
         model_overrides = {k[6:]: v for k, v in overrides.items() if k.startswith("model.")}
-        model = build_model(config, meta, Tokenizer.load(config.data.path), model_overrides)
-        split = open_split(config.data.path, meta, "train", config.model.block_size, config.seed)
+        model = build_model(config, meta, tokenizer, model_overrides)
+        data = open_training_data(config, accelerator)
+        split, sampler = data.train_split, data.sampler
     bare_model = copy.deepcopy(model)  # on the CPU until the train.py side's peak memory is known
     accum = round(config.grad_accum.peak)
     step_samples = config.batch_size * accum * accelerator.num_processes
     sample_length = split.fetch(np.array([0]))[0].size(1)
     step_tokens = step_samples * sample_length
     schedules = RunSchedules(config.lr, config.weight_decay, config.grad_accum, 10**15)
-    reader = BatchReader(
-        EpochSampler(split.num_samples, config.seed), split, config.batch_size, accelerator
-    )
+    reader = BatchReader(sampler, split, config.batch_size, accelerator)
     throughput = Throughput.of_run(model, sample_length, accelerator)
 
     model, optimizer = accelerator.prepare(model, make_optimizer(model, config))

@@ -43,16 +43,30 @@ def evaluate_loss(
 
 
 @dataclass
-class Evaluator:
-    """What every macro-batch is scored on: the val loss of a fixed val subset (the run's last
-    evaluation may score a larger one, final_indices), plus the data set's own metrics (for
-    example exact match for arithmetic, from its task module)."""
+class ValSet:
+    """A val split scored at every evaluation: a fixed subset of its samples."""
 
-    val_split: Split
-    val_indices: np.ndarray
+    split: Split
+    indices: np.ndarray
+    name: str = ""
+    """A mixture's source name (keys val_loss/<name>); empty for a run's only data set."""
+    weight: float = 1.0
+    """Its weight in the overall val loss (a mixture's normalised weights)."""
+    bpb_per_loss: float | None = None
+    """val_bpb / val_loss: the split's tokens per byte over ln 2 (None: no byte counts)."""
+    final_indices: np.ndarray | None = None
+    """The larger subset the run's last evaluation scores (None: the same as every evaluation)."""
+
+
+@dataclass
+class Evaluator:
+    """What every macro-batch is scored on: the val loss (and bits per byte) of fixed val
+    subsets, plus the data set's own metrics (for example exact match for arithmetic, from its
+    task module). A mixture scores each source and weighs them into the overall val_loss."""
+
+    val_sets: list[ValSet]
     batch_size: int
     task_metrics: Callable[[torch.nn.Module, Accelerator], dict] | None = None
-    final_indices: np.ndarray | None = None
 
     def __call__(
         self, model, raw_model, accelerator: Accelerator, step: int, tokens: int, final=False
@@ -61,15 +75,25 @@ class Evaluator:
 
         `model` is the compiled model without DDP (processes may get uneven shares, so no
         collective forward); task metrics use the plain `raw_model` (decoding uses its KV cache).
+        The run's last evaluation (`final`) scores each val set's final subset, where it has one.
         """
-        indices = self.val_indices
-        if final and self.final_indices is not None:
-            indices = self.final_indices
         event = {"step": step, "tokens": tokens}
-        event["val_loss"] = evaluate_loss(
-            model, self.val_split, indices, accelerator, self.batch_size
-        )
-        event["val_samples"] = len(indices)
+        scores, losses, bpbs = {}, [], []
+        for val in self.val_sets:
+            indices = val.final_indices if final and val.final_indices is not None else val.indices
+            loss = evaluate_loss(model, val.split, indices, accelerator, self.batch_size)
+            suffix = f"/{val.name}" if val.name else ""
+            scores[f"val_loss{suffix}"] = loss
+            scores[f"val_samples{suffix}"] = len(indices)
+            losses.append(val.weight * loss)
+            if val.bpb_per_loss is not None:
+                scores[f"val_bpb{suffix}"] = loss * val.bpb_per_loss
+                bpbs.append(val.weight * scores[f"val_bpb{suffix}"])
+        if len(self.val_sets) > 1:  # a mixture's overall figures: weighted means of its sources
+            event["val_loss"] = sum(losses)
+            if len(bpbs) == len(self.val_sets):
+                event["val_bpb"] = sum(bpbs)
+        event.update(scores)
         if self.task_metrics is not None:
             was_training = raw_model.training
             raw_model.eval()

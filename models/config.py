@@ -72,4 +72,7 @@ class ModelConfig:
             found.append(f"model.vocab_multiple ({self.vocab_multiple}) must be at least 1")
         if self.loss_chunk < 0:
             found.append(f"model.loss_chunk ({self.loss_chunk}) must be 0 (off) or more")
+        for name in ("rope_theta", "norm_eps"):
+            if not 0.0 < getattr(self, name) < float("inf"):
+                found.append(f"model.{name} is {getattr(self, name)}; it must be a positive number")
         return found

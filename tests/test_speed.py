@@ -145,7 +145,7 @@ def test_the_vocabulary_is_padded_to_the_multiple_the_config_asks_for(shakespear
     config.model.vocab_multiple = 64
     meta = read_meta(shakespeare_dir)
     model = training.build_model(config, meta, Tokenizer.load(shakespeare_dir), {})
-    assert meta["vocab_size"] == 65 and config.model.vocab_size == model.config.vocab_size == 128
+    assert meta["vocab_size"] == 66 and config.model.vocab_size == model.config.vocab_size == 128
     assert model.lm_head.weight.shape[0] == 128
 
 
