@@ -2,10 +2,16 @@
 
     python benchmark.py --config configs/shakespeare_cpu.json [--steps 40] [--rounds 9] [--key=value ...]
     python benchmark.py --config configs/shakespeare_cpu.json --generate 512 --model.block_size=528
+    accelerate launch --config_file configs/accelerate/fsdp.yaml benchmark.py --config configs/llama_303m.json --memory
 
 With --generate N it measures sampling instead: greedy generation of N tokens after a 16-token
 prompt, batch 1, with the key-value cache and without it (every step reruns the whole context).
 The model's context must hold prompt + N, so both paths attend to the same tokens.
+
+With --memory it measures memory per process instead, set up as train.py sets it up (DDP or
+FSDP): the weights and optimizer state the process holds (its shards under FSDP), and the peak
+memory of one optimizer step with activation checkpointing on and off (see gptlab/mfu.py for
+what peak means on a CPU).
 
 Both loops train identical copies of the model on the same batches with the same optimizer. The
 train.py side runs its whole step: schedule lookup, reading the micro-batches from the memmap
@@ -23,13 +29,15 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from torch.nn import functional as F
 
+from gptlab import sharding
 from gptlab.cli import ArgumentParser, positive_int
 from gptlab.config import load_config
 from gptlab.data import EpochSampler, open_split
 from gptlab.errors import UserError, run_cli
+from gptlab.mfu import memory_mib, peak_memory_mib, reset_peak_memory
 from gptlab.scheduler import RunSchedules
 from gptlab.tokenizer import Tokenizer
 from gptlab.training import (
@@ -75,6 +83,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--generate", type=positive_int, help="time generating N tokens instead of training"
     )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="measure memory per process (weights, optimizer, peak of a step) instead of speed",
+    )
     args, config_args = parser.parse_known_args(argv)
     if args.output and not Path(args.output).resolve().parent.is_dir():
         raise UserError(f"--output {args.output}: its directory does not exist; create it first")
@@ -88,6 +101,13 @@ def main(argv: list[str]) -> None:
         mixed_precision=mixed_precision_mode(config),
         dynamo_backend="inductor" if config.compile else "no",
     )
+    sharding.configure(accelerator, config)
+    if accelerator.is_fsdp2 and not (args.memory or args.generate):
+        raise UserError(
+            "the comparison with a bare PyTorch loop needs the whole model on every process, "
+            "which FSDP does not keep; measure FSDP with --memory, or read tokens_per_sec in "
+            "train.py's metrics.jsonl"
+        )
     set_seed(config.seed)
     meta = open_data(config, accelerator)
     model_overrides = {k[6:]: v for k, v in overrides.items() if k.startswith("model.")}
@@ -106,7 +126,8 @@ def main(argv: list[str]) -> None:
         if args.output:
             Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
         return
-    bare_model = copy.deepcopy(model).to(accelerator.device)
+    if args.memory:
+        config.activation_checkpointing = True  # the wrappers, switched off and on below
     split = open_split(config.data.path, meta, "train", config.model.block_size, config.seed)
     sampler = EpochSampler(split.num_samples, config.seed)
     accum = round(config.grad_accum.peak)
@@ -122,20 +143,28 @@ def main(argv: list[str]) -> None:
             fused=torch.cuda.is_available(),
         )
 
-    model, optimizer = accelerator.prepare(model, new_optimizer(model))
-    bare_optimizer = new_optimizer(bare_model)
-    if config.compile:
-        bare_model = torch.compile(bare_model)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
-    bare_scaler = torch.amp.GradScaler(enabled=dtype is torch.float16)
+    bare_model = None if args.memory else copy.deepcopy(model).to(accelerator.device)
+    model, optimizer = sharding.prepare(accelerator, model, new_optimizer(model), config)
 
-    def ours(position: int) -> None:
+    def ours(position: int) -> None:  # train.py's optimizer step
         settings = schedules.at(position * step_tokens)
         apply_settings(optimizer, settings)
         batches = fetch_micro_batches(
             sampler, split, position, accum, config.batch_size, accelerator
         )
         train_step(model, optimizer, accelerator, batches, config.optim.grad_clip)
+
+    if args.memory:
+        figures = memory_figures(ours, model, optimizer, accelerator, step_samples)
+        report_memory(name, step_tokens, figures, accelerator, args.output)
+        return
+    if config.activation_checkpointing:
+        sharding.checkpoint_activations(bare_model)  # recomputes as much as train.py's side
+    bare_optimizer = new_optimizer(bare_model)
+    if config.compile:
+        bare_model = torch.compile(bare_model)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    bare_scaler = torch.amp.GradScaler(enabled=dtype is torch.float16)
 
     bare_batches = [
         [
@@ -196,6 +225,57 @@ def main(argv: list[str]) -> None:
     if args.output:
         with open(args.output, "w") as file:
             json.dump(result, file, indent=2)
+
+
+def memory_figures(step_fn, model, optimizer, accelerator: Accelerator, step_samples: int) -> dict:
+    """This process's memory in MiB: weights and optimizer state it holds (its shards under
+    FSDP), and the peak of one optimizer step with activation checkpointing on and off."""
+    device = accelerator.device
+    step_fn(0)  # creates the optimizer state
+    inner = getattr(optimizer, "optimizer", optimizer)
+    held = [sharding.local(t) for state in inner.state.values() for t in state.values()]
+    figures = {
+        "weights_mib": sum(sharding.local(p).nbytes for p in model.parameters()) / 2**20,
+        "optimizer_mib": sum(t.nbytes for t in held if torch.is_tensor(t)) / 2**20,
+    }
+    # Checkpointing on first: memory the allocator keeps after a bigger step would hide a smaller one.
+    for checkpointing, key in ((True, "step_peak_checkpointing_mib"), (False, "step_peak_mib")):
+        with sharding.activation_checkpointing(model, checkpointing):
+            figures[key.replace("peak", "start")] = memory_mib(device)
+            reset_peak_memory(device)
+            step_fn(step_samples)
+            figures[key] = peak_memory_mib(device)
+    return figures
+
+
+def report_memory(
+    name: str, step_tokens: int, figures: dict, accelerator: Accelerator, output: str | None
+) -> None:
+    """Print every process's memory figures (main process) and write them to `output`."""
+    processes = gather_object([{"process": accelerator.process_index, **figures}])
+    if not accelerator.is_main_process:
+        return
+    layout = (
+        "FSDP2" if accelerator.is_fsdp2 else "DDP" if accelerator.num_processes > 1 else "1 process"
+    )
+
+    def mib(value):
+        return "unknown" if value is None else f"{value:,.0f} MiB"
+
+    print(f"{name} on {accelerator.device}, {layout}, {step_tokens} tokens/step, per process:")
+    for f in processes:
+        saved = None
+        if f["step_peak_mib"] is not None:
+            saved = f["step_peak_mib"] - f["step_peak_checkpointing_mib"]
+        print(
+            f"  process {f['process']}: weights {mib(f['weights_mib'])}, optimizer state "
+            f"{mib(f['optimizer_mib'])}, peak of a step {mib(f['step_peak_mib'])} "
+            f"(from {mib(f['step_start_mib'])}), with activation checkpointing "
+            f"{mib(f['step_peak_checkpointing_mib'])} (saves {mib(saved)})"
+        )
+    if output:
+        result = {"config": name, "device": str(accelerator.device), "layout": layout}
+        Path(output).write_text(json.dumps({**result, "processes": processes}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

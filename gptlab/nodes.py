@@ -31,8 +31,9 @@ def check_shared_run_dir(accelerator: Accelerator, out_dir: Path) -> None:
     broadcast_object_list(token)
     # Every process resolves the path in its own working directory, as it will write there.
     probe = Path(out_dir).absolute().parent / f".gptlab-probe-{token[0]}"
-    failure = [None]
+    failure, created = [None], []
     if accelerator.is_main_process:
+        created = [d for d in [probe.parent, *probe.parent.parents] if not d.exists()]
         try:
             probe.parent.mkdir(parents=True, exist_ok=True)
             probe.write_text(socket.gethostname())
@@ -46,8 +47,10 @@ def check_shared_run_dir(accelerator: Accelerator, out_dir: Path) -> None:
         time.sleep(0.1)
     seen = gather_object([(probe.is_file(), socket.gethostname(), accelerator.process_index)])
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # leave nothing behind
         probe.unlink(missing_ok=True)
+        for directory in created:
+            directory.rmdir()
     blind = [f"process {rank} on {host}" for found, host, rank in seen if not found]
     if blind:
         raise UserError(

@@ -21,7 +21,8 @@ What this module adds to Accelerate (1.15):
 """
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from accelerate import Accelerator
@@ -33,7 +34,10 @@ from accelerate.utils import (
     str_to_bool,
 )
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointWrapper,
+    checkpoint_wrapper,
+)
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
@@ -54,8 +58,8 @@ def configure(accelerator: Accelerator, config: Config) -> None:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > accelerator.num_processes:
         raise UserError(
-            f"{launched} processes were launched but each runs on its own (torchrun on a CPU "
-            "needs ACCELERATE_USE_CPU=true); set it, or start with accelerate launch"
+            f"{launched} processes were launched but each runs on its own: on a CPU start them "
+            f"with ACCELERATE_USE_CPU=true torchrun --nproc_per_node {launched} (see the README)"
         )
     if not fsdp_requested():
         if config.fsdp_reduce_dtype != "fp32":
@@ -130,6 +134,26 @@ def checkpoint_activations(model: nn.Module) -> None:
     state (dropout draws the same masks) and keeps the weights' names in state dicts."""
     for i, block in enumerate(model.blocks):
         model.blocks[i] = checkpoint_wrapper(block)  # non-reentrant, preserve_rng_state=True
+
+
+def _run_directly(module: nn.Module, *args, **kwargs):
+    return module(*args, **kwargs)
+
+
+@contextmanager
+def activation_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Run wrapped blocks with checkpointing on or off for a while (the benchmark measures the
+    memory it saves on one and the same model)."""
+    wrappers = [m for m in model.modules() if isinstance(m, CheckpointWrapper)]
+    kept = [wrapper.checkpoint_fn for wrapper in wrappers]
+    if not enabled:
+        for wrapper in wrappers:
+            wrapper.checkpoint_fn = _run_directly
+    try:
+        yield
+    finally:
+        for wrapper, checkpoint_fn in zip(wrappers, kept):
+            wrapper.checkpoint_fn = checkpoint_fn
 
 
 def prepare(

@@ -127,6 +127,8 @@ def verify_distributed_checkpoint(directory: Path) -> None:
     which torch unpickles with weights_only=False) hold more than data; tensors are read by torch
     with weights_only=True anyway."""
     metadata_path = directory / ".metadata"
+    if not metadata_path.is_file():
+        raise UserError(f"{directory} has no .metadata: the sharded snapshot is incomplete")
     try:
         with open(metadata_path, "rb") as file:
             metadata = _MetadataUnpickler(file).load()

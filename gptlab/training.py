@@ -93,6 +93,8 @@ def on_every_process(accelerator: Accelerator, work: Callable[[], T]) -> T:
         result = work()
     except UserError as error:
         failure = str(error)
+    except OSError as error:
+        failure = f"{error.filename or 'a file'}: {error.strerror}; fix that, then rerun"
     if accelerator.num_processes > 1:
         failures = gather_object([failure])
         failure = next(
