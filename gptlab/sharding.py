@@ -4,8 +4,8 @@ FSDP is asked for the way Accelerate asks for it: `accelerate launch --config_fi
 configs/accelerate/fsdp.yaml train.py ...`, or ACCELERATE_USE_FSDP=true FSDP_VERSION=2 in the
 environment of torchrun. Every transformer block is then its own FSDP2 unit (`fully_shard`): each
 process keeps 1/N of every parameter, of its gradient and of its optimizer state, and gathers a
-block's weights only while that block runs. The token embedding, the final norm and the output
-layer (one matrix when tied, so the tie holds) form the root unit.
+block's weights only while that block runs. Accelerate makes the final norm a unit of its own;
+the token embedding and the output layer (one matrix when tied, so the tie holds) form the root.
 
 What this module adds to Accelerate (1.15):
 - On CPU, Accelerate turns FSDP into DDP without a word (distributed type MULTI_CPU). torch's

@@ -146,7 +146,13 @@ for arch, tied in (("gpt", True), ("llama", False)):
             for n, p in model.named_parameters()
         },
         "placements": sorted({str(p.placements) for p in model.parameters()}),
-        "units": [type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule)],
+        # The FSDP units that own parameters, and how many (an empty unit gathers nothing).
+        "units": {
+            clean(name) or "(root)": len(group.fsdp_params)
+            for name, m in model.named_modules()
+            if isinstance(m, FSDPModule)
+            and (group := m._get_fsdp_state()._fsdp_param_group) is not None
+        },
         "tied": model.lm_head.weight is model.wte.weight,
         "describe": sharding.describe(accelerator, config),
     }
@@ -162,9 +168,12 @@ def test_fsdp_on_cpu_really_shards_every_block_weights_and_optimizer_state(tmp_p
     script.write_text(SHARD_REPORT)
     run_script(str(script), str(tmp_path / "report.json"), cwd=tmp_path, processes=2, env=FSDP)
     ranks = json.loads((tmp_path / "report.json").read_text())
-    # One unit per (checkpointed) block, then the root: embeddings, final norm, output layer.
-    assert ranks[0]["gpt"]["units"] == ["FSDPCheckpointWrapper"] * 2 + ["FSDPGPT"]
-    assert ranks[0]["llama"]["units"] == ["FSDPCheckpointWrapper"] * 2 + ["FSDPLlama"]
+    # One unit per block, the final norm (Accelerate's doing), and the root: the embeddings and
+    # the output layer (GPT: token and position embeddings, the output layer tied; Llama: the
+    # token embedding and an untied output layer).
+    blocks = {"blocks.0": 12, "blocks.1": 12}
+    assert ranks[0]["gpt"]["units"] == {"(root)": 2, **blocks, "ln_f": 2}
+    assert ranks[0]["llama"]["units"] == {"(root)": 2, "blocks.0": 7, "blocks.1": 7, "norm_f": 1}
     for arch in ("gpt", "llama"):
         zero, one = ranks[0][arch], ranks[1][arch]
         assert zero["placements"] == ["(Shard(dim=0),)"]
@@ -419,3 +428,35 @@ def test_a_two_node_run_without_a_shared_run_directory_is_refused_before_writing
         assert node.returncode == 0, stderr
     assert curve(shared / "out/run", "step")[-1] == 4
     assert any("2 process(es)" in m for m in messages(shared / "out/run"))
+
+
+@pytest.mark.slow
+def test_the_benchmark_reports_each_process_memory_with_checkpointing_on_and_off(
+    shakespeare_dir, tmp_path
+):
+    output = tmp_path / "memory.json"
+    args = ["--config", str(REPO / "configs/shakespeare_cpu.json"), f"--data.dir={shakespeare_dir}"]
+    result = run_script(
+        "benchmark.py",
+        *args,
+        "--memory",
+        "--output",
+        str(output),
+        cwd=tmp_path,
+        processes=2,
+        env=FSDP,
+    )
+    report = json.loads(output.read_text())
+    assert report["layout"] == "FSDP2" and [p["process"] for p in report["processes"]] == [0, 1]
+    whole = build_model(
+        ModelConfig(
+            **json.loads((REPO / "configs/shakespeare_cpu.json").read_text())["model"],
+            vocab_size=65,
+        )
+    )
+    weights = sum(p.numel() * 4 for p in whole.parameters()) / 2**20
+    for process in report["processes"]:  # half the weights each, Adam's two moments as much again
+        assert process["weights_mib"] == pytest.approx(weights / 2, rel=0.02)
+        assert process["optimizer_mib"] == pytest.approx(weights, rel=0.02)
+        assert process["step_peak_mib"] > 0 and process["step_peak_checkpointing_mib"] > 0
+    assert "with activation checkpointing" in result.stdout and "saves" in result.stdout
