@@ -49,7 +49,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def fsdp_requested() -> bool:
     """Whether the launcher asked for FSDP (accelerate launch with an FSDP config sets this)."""
-    return bool(str_to_bool(os.environ.get("ACCELERATE_USE_FSDP", "false") or "false"))
+    value = os.environ.get("ACCELERATE_USE_FSDP", "false") or "false"
+    try:
+        return bool(str_to_bool(value))
+    except ValueError:  # a misspelt flag must not quietly mean DDP
+        raise UserError(
+            f"ACCELERATE_USE_FSDP={value!r} is neither true nor false: set it to true or false"
+        ) from None
 
 
 def configure(accelerator: Accelerator, config: Config) -> None:
