@@ -49,6 +49,8 @@ from gptlab.checkpoints import model_state_for_saving
 from gptlab.config import Config, dotted
 from gptlab.errors import UserError
 from gptlab.scheduler import ScheduleConfig
+from gptlab.training import on_main_process
+from models.hf import unpickling_cause
 
 SNAPSHOTS = "snapshots"
 STATE_FILE = "state.json"
@@ -64,6 +66,7 @@ BREAKING_KEYS = (
     "model.",
     "data.name",
     "data.dir",
+    "data.mixture",
     "seed",
     "mixed_precision",
 )
@@ -87,12 +90,9 @@ def holds_run(out_dir: Path) -> bool:
 
 
 def _refuse_to_unpickle(path: Path, error: Exception) -> UserError:
-    # torch's own message goes on to suggest weights_only=False: keep only the cause.
-    lines = str(error).strip().splitlines() or ["unreadable"]
-    cause = next((line for line in lines if "Unsupported" in line), lines[0])
-    cause = cause.strip().removeprefix("WeightsUnpickler error: ").split(". ")[0]
     return UserError(
-        f"refusing to unpickle {path}: it holds more than tensors and plain data ({cause})"
+        f"refusing to unpickle {path}: it holds more than tensors and plain data "
+        f"({unpickling_cause(error)})"
     )
 
 
@@ -201,15 +201,19 @@ def _choose(out_dir: Path, resume: str) -> Path | None:
             raise UserError(f"{out_dir} already holds another run; choose another --out_dir")
         return snapshot
     candidates = snapshot_dirs(out_dir)
+    problems = []
     for directory in candidates:
         problem = _problem_of(directory)
         if not problem:
+            for skipped, why in problems:
+                print(f"warning: skipping snapshot {skipped}: {why}", file=sys.stderr)
             return directory
-        print(f"warning: skipping snapshot {directory}: {problem}", file=sys.stderr)
+        problems.append((directory, problem))
     if holds_run(out_dir) or candidates:
+        newest = f" (newest, {problems[0][0].name}: {problems[0][1]})" if problems else ""
         raise UserError(
-            f"{out_dir} holds a run but no valid snapshot to resume from; move it away or "
-            "choose another --out_dir (nothing was changed)"
+            f"{out_dir} holds a run but no valid snapshot to resume from{newest}; move it away "
+            "or choose another --out_dir (nothing was changed)"
         )
     return None
 
@@ -436,6 +440,17 @@ class Snapshots:
         """Keep the newest keep_snapshots; rename before deleting so a crash leaves no half."""
         storage.keep_first(snapshot_dirs(self.out_dir), self.config.keep_snapshots)
 
+    def _rewind_run_dir(self, directory: Path, state: dict) -> None:
+        """Cut metrics.jsonl back to its length at the snapshot and put trackers.json back."""
+        metrics = self.out_dir / "metrics.jsonl"
+        own_run = Path(directory).resolve().parent.parent == self.out_dir.resolve()
+        if own_run and metrics.exists() and metrics.stat().st_size > state["metrics_bytes"]:
+            os.truncate(metrics, state["metrics_bytes"])
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        trackers = self.out_dir / "trackers.json"
+        if state["trackers"] is not None and not trackers.exists():
+            trackers.write_text(json.dumps(state["trackers"], indent=2) + "\n")
+
     def clean_leftovers(self) -> None:
         """Remove temporary directories that a crash during a save left (main process)."""
         for parent in (self.root, self.out_dir / "checkpoints"):
@@ -473,15 +488,8 @@ class Snapshots:
             seed = np.random.SeedSequence([self.config.seed, step]).generate_state(1)[0]
             set_seed(int(seed), device_specific=True)
         self.elapsed_before = state["elapsed_s"]
-        if self.accelerator.is_main_process:
-            metrics = self.out_dir / "metrics.jsonl"
-            own_run = Path(directory).resolve().parent.parent == self.out_dir.resolve()
-            if own_run and metrics.exists() and metrics.stat().st_size > state["metrics_bytes"]:
-                os.truncate(metrics, state["metrics_bytes"])
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            trackers = self.out_dir / "trackers.json"
-            if state["trackers"] is not None and not trackers.exists():
-                trackers.write_text(json.dumps(state["trackers"], indent=2) + "\n")
+        # A write that fails (a full or read-only disk) ends the run on every process at once.
+        on_main_process(self.accelerator, lambda: self._rewind_run_dir(directory, state))
         self.accelerator.wait_for_everyone()
         for key, value in state["progress"].items():
             setattr(progress, key, value)
