@@ -34,12 +34,6 @@ from accelerate.utils import (
     str_to_bool,
 )
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-    CheckpointWrapper,
-    checkpoint_wrapper,
-)
-from torch.distributed.fsdp import MixedPrecisionPolicy
-from torch.distributed.tensor import DTensor
 
 from gptlab.config import Config
 from gptlab.errors import UserError
@@ -96,6 +90,8 @@ def configure(accelerator: Accelerator, config: Config) -> None:
             "which does not shard; launch with --config_file configs/accelerate/fsdp.yaml"
         )
     refuse_unsupported_options(plugin)
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
     compute = DTYPES.get(accelerator.mixed_precision)  # None: fp32 weights compute in fp32
     plugin.mixed_precision_policy = MixedPrecisionPolicy(
         param_dtype=compute, reduce_dtype=DTYPES[config.fsdp_reduce_dtype]
@@ -138,6 +134,8 @@ def checkpoint_activations(model: nn.Module) -> None:
     """Wrap every transformer block so that its activations are recomputed in the backward pass
     instead of kept: a block's inputs stay, its insides are dropped. The wrapper replays the RNG
     state (dropout draws the same masks) and keeps the weights' names in state dicts."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
     for i, block in enumerate(model.blocks):
         model.blocks[i] = checkpoint_wrapper(block)  # non-reentrant, preserve_rng_state=True
 
@@ -150,6 +148,8 @@ def _run_directly(module: nn.Module, *args, **kwargs):
 def activation_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
     """Run wrapped blocks with checkpointing on or off for a while (the benchmark measures the
     memory it saves on one and the same model)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
     wrappers = [m for m in model.modules() if isinstance(m, CheckpointWrapper)]
     kept = [wrapper.checkpoint_fn for wrapper in wrappers]
     if not enabled:
@@ -208,8 +208,9 @@ def start_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's part of a tensor that may be sharded (a DTensor); a plain one as it is."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    """This process's part of a tensor that may be sharded (a DTensor); a plain one as it is.
+    (Asked by duck typing so that runs without FSDP need not import torch.distributed.tensor.)"""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def all_finite(accelerator: Accelerator, model: nn.Module) -> bool:

@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed.checkpoint.metadata as dcp_metadata
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from accelerate.utils import load as load_weights_only
@@ -100,11 +99,7 @@ class _MetadataUnpickler(pickle.Unpickler):
     """Unpickles the .metadata of a distributed checkpoint (which torch reads with plain pickle)
     only if it holds nothing but DCP's own records, sizes, dtypes, layouts and paths."""
 
-    RECORDS = {
-        name
-        for name, value in vars(dcp_metadata).items()
-        if isinstance(value, type) and value.__module__ == dcp_metadata.__name__
-    }
+    RECORDS = "torch.distributed.checkpoint.metadata"  # its classes, imported only when needed
     ALLOWED = {
         ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
         ("torch", "Size"),
@@ -115,7 +110,12 @@ class _MetadataUnpickler(pickle.Unpickler):
     }
 
     def find_class(self, module: str, name: str):
-        record = module == dcp_metadata.__name__ and name in self.RECORDS
+        record = False
+        if module == self.RECORDS:
+            import torch.distributed.checkpoint.metadata as dcp_metadata
+
+            value = getattr(dcp_metadata, name, None)
+            record = isinstance(value, type) and value.__module__ == self.RECORDS
         dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
         if record or dtype or (module, name) in self.ALLOWED:
             return super().find_class(module, name)
@@ -126,6 +126,8 @@ def verify_distributed_checkpoint(directory: Path) -> None:
     """Refuse a sharded (DCP) directory whose .metadata or plain values (optimizer settings,
     which torch unpickles with weights_only=False) hold more than data; tensors are read by torch
     with weights_only=True anyway."""
+    import torch.distributed.checkpoint.metadata as dcp_metadata  # slow: only when sharded
+
     metadata_path = directory / ".metadata"
     if not metadata_path.is_file():
         raise UserError(f"{directory} has no .metadata: the sharded snapshot is incomplete")

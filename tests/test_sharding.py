@@ -7,16 +7,18 @@ import copy
 import json
 import os
 import pickle
+import re
 import shutil
 import socket
 import subprocess
 import sys
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import REPO, TINY_MODEL, read_metrics, run_script
+from conftest import REPO, TINY_MODEL, mixture_option, read_metrics, run_script
 from gptlab import sharding
 from gptlab.checkpoints import load_checkpoint
 from gptlab.config import Config
@@ -267,7 +269,7 @@ def test_a_sharded_snapshot_holds_every_process_shards_and_refuses_a_planted_pic
 
 @pytest.mark.slow
 def test_snapshots_resume_with_another_number_of_processes_at_the_same_global_batch(
-    runs, adder_dir, tmp_path
+    runs, adder_dir, mixture_dirs, tmp_path
 ):
     # FSDP over 2 processes -> FSDP in 1 process with twice the batch.
     resumed = resume_copy(runs / "fsdp", tmp_path, "fsdp_to_one")
@@ -278,60 +280,66 @@ def test_snapshots_resume_with_another_number_of_processes_at_the_same_global_ba
     for key in ("train_loss", "val_loss"):
         assert curve(resumed, key) == pytest.approx(curve(runs / "fsdp", key), rel=TOLERANCE)
 
-    # Not when the global batch changes, nor from a sharded snapshot into an unsharded run.
+    # Not from a sharded snapshot into an unsharded run (a changed global batch is refused too:
+    # see test_a_resume_may_change_processes_only_if_the_global_batch_stays).
     again = resume_copy(runs / "fsdp", tmp_path, "refused")
-    same_batch_one_process = adder_args(adder_dir, again, "--batch_size=16")
-    refused = run_script(
-        "train.py", *same_batch_one_process, cwd=tmp_path, env=FSDP, torchrun=True, check=False
-    )
-    assert refused.returncode != 0
-    assert "global batch 16 x 1 x 2 -> 16 x 1 x 1" in refused.stderr
     unsharded = run_script(
         "train.py", *adder_args(adder_dir, again, "--batch_size=32"), cwd=tmp_path, check=False
     )
     assert unsharded.returncode == 2 and "sharding fsdp -> none" in unsharded.stderr
 
-    # DDP over 2 processes (with activation checkpointing) -> 1 process accumulating 2 batches.
+    # DDP over 2 processes on a mixture of two text sets (with activation checkpointing) -> 1
+    # process accumulating 2 batches: the mixture's order is a function of the global position
+    # alone, so the resumed run draws the same samples from each source in the same steps.
+    mixture = [mixture_option(*mixture_dirs), "--activation_checkpointing=true"]
+
+    def mixture_args(out_dir, *extra):
+        args = adder_args(adder_dir, out_dir, *mixture, "--data.eval_samples=16", *extra)
+        return [a for a in args if not a.startswith("--data.dir=")]
+
     ddp = tmp_path / "ddp"
     run_script(
         "train.py",
-        *adder_args(adder_dir, ddp, "--batch_size=16", "--activation_checkpointing=true"),
+        *mixture_args(ddp, "--batch_size=16"),
         cwd=tmp_path,
         processes=2,
         env=ONE_THREAD,
     )
     assert any("DDP (whole model on every process) | activation" in m for m in messages(ddp))
     single = resume_copy(ddp, tmp_path, "ddp_to_one")
-    args = adder_args(adder_dir, single, "--batch_size=16", "--grad_accum.peak=2")
+    args = mixture_args(single, "--batch_size=16", "--grad_accum.peak=2")
     run_script("train.py", *args, cwd=tmp_path, env=ONE_THREAD)
-    for key in ("train_loss", "val_loss"):
-        assert curve(single, key) == pytest.approx(curve(ddp, key), rel=TOLERANCE)
-        assert curve(single, key) == pytest.approx(curve(runs / "one", key), rel=TOLERANCE)
+    assert any("processes 2 -> 1" in m for m in messages(single))
+    names = [d.name for d in mixture_dirs]
+    for key in ("train_loss", "val_loss", *(f"tokens/{n}" for n in names)):
+        assert curve(single, key) == pytest.approx(curve(ddp, key), rel=TOLERANCE), key
 
 
 # ----------------------------------------------------------------------------------------------
 # Refusals: sharding asked for that would not happen; a run directory the machines do not share
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
-    "processes, env, extra, expected",
+    "env, config, expected",
     [
-        (1, FSDP, [], "FSDP was asked for in a single process without a process group"),
-        (1, {**FSDP, "FSDP_VERSION": "1"}, [], "FSDP version 1 was asked for"),
-        (2, {**FSDP, "ACCELERATE_USE_CPU": "false"}, [], "2 processes were launched but each"),
-        (1, ONE_THREAD, ["--fsdp_reduce_dtype=bf16"], "fsdp_reduce_dtype=bf16 applies to FSDP"),
+        (FSDP, Config(), "FSDP was asked for in a single process without a process group"),
+        ({**FSDP, "FSDP_VERSION": "1"}, Config(), "FSDP version 1 was asked for"),
+        ({**FSDP, "ACCELERATE_USE_FSDP": "ture"}, Config(), "ACCELERATE_USE_FSDP='ture' is"),
+        (ONE_THREAD, Config(fsdp_reduce_dtype="bf16"), "fsdp_reduce_dtype=bf16 applies to FSDP"),
+        # torchrun on a CPU without ACCELERATE_USE_CPU=true: each process would run on its own.
+        ({**FSDP, "WORLD_SIZE": "2"}, Config(), "2 processes were launched but each runs"),
     ],
 )
-def test_sharding_that_would_not_happen_is_refused_in_one_line(
-    adder_dir, tmp_path, processes, env, extra, expected
-):
-    args = adder_args(adder_dir, tmp_path / "run", *extra)
-    result = run_script("train.py", *args, cwd=tmp_path, processes=processes, env=env, check=False)
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert result.returncode != 0 and errors and expected in errors[0], result.stderr
-    assert len(set(errors)) == 1  # every process says the same line
-    assert not (tmp_path / "run").exists()
+def test_sharding_that_would_not_happen_is_refused(env, config, expected, monkeypatch):
+    for name in ("WORLD_SIZE", "ACCELERATE_USE_FSDP", "FSDP_VERSION"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    # What `configure` asks of a single process's Accelerator, without starting one.
+    single = SimpleNamespace(num_processes=1, state=SimpleNamespace(fsdp_plugin=None))
+    assert not torch.distributed.is_initialized()
+    with pytest.raises(UserError, match=re.escape(expected)):
+        sharding.configure(single, config)
 
 
 @pytest.mark.parametrize(
