@@ -3,6 +3,7 @@
     python benchmark.py --config configs/shakespeare_cpu.json [--steps 40] [--rounds 9] [--key=value ...]
     python benchmark.py --config configs/gpt2_124m.json          # random tokens: no data set needed
     python benchmark.py --config configs/shakespeare_cpu.json --generate 48 [--checkpoint out/shakespeare_cpu]
+    accelerate launch --config_file configs/accelerate/fsdp.yaml benchmark.py --config configs/llama_303m.json --memory
     python benchmark.py --prepare corpus.jsonl --tokenizer ../shared/data/gpt2-tokenizer --nanogpt
 
 Both loops train identical copies of the model on the same batches with the same optimizer. The
@@ -23,6 +24,11 @@ with transformers' `generate` on the same model exported as a checkpoint (the mo
 With --prepare CORPUS it measures data preparation instead: `prepare_data.py text` on a .jsonl
 corpus with the tokenizer of --tokenizer, in tokens/s and peak resident memory, and with
 --nanogpt also nanoGPT's way on the same file (tiktoken through datasets.map; needs tiktoken).
+
+With --memory it measures memory per process instead, set up as train.py sets it up (DDP or
+FSDP): the weights and optimizer state the process holds (its shards under FSDP), and the peak
+memory of one optimizer step with activation checkpointing on and off (see gptlab/mfu.py for
+what peak means on a CPU).
 """
 
 import copy
@@ -36,15 +42,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 
 import models
+from gptlab import sharding
 from gptlab.checkpoints import load_checkpoint, save_checkpoint
 from gptlab.cli import ArgumentParser, check_output_file, positive_int
 from gptlab.config import load_config
 from gptlab.data import EpochSampler, is_data_set
 from gptlab.errors import UserError, run_cli
-from gptlab.mfu import Throughput
+from gptlab.mfu import Throughput, memory_mib, peak_memory_mib, reset_peak_memory
+from gptlab.optimizers import check_optimizer_supported
 from gptlab.scheduler import RunSchedules
 from gptlab.tokenizer import Tokenizer
 from gptlab.training import (
@@ -165,6 +173,11 @@ def main(argv: list[str]) -> None:
         "--generate", type=positive_int, help="time generating N tokens instead of training"
     )
     parser.add_argument("--checkpoint", help="with --generate: time this checkpoint's model")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="measure memory per process (weights, optimizer, peak of a step) instead of speed",
+    )
     parser.add_argument("--prepare", help="time preparing this .jsonl corpus instead of training")
     parser.add_argument("--tokenizer", help="--prepare: a GPT-2 tokenizer directory")
     parser.add_argument("--nanogpt", action="store_true", help="--prepare: nanoGPT's way too")
@@ -172,6 +185,8 @@ def main(argv: list[str]) -> None:
     check_output_file(args.output)
     if args.checkpoint and not args.generate:
         raise UserError("--checkpoint only goes with --generate N")
+    if sum(map(bool, (args.memory, args.generate, args.prepare))) > 1:
+        raise UserError("--memory, --generate and --prepare each measure something else: give one")
     if args.prepare:
         if not args.tokenizer or config_args:
             raise UserError("--prepare takes --tokenizer DIR (and --nanogpt, --output) only")
@@ -187,6 +202,14 @@ def main(argv: list[str]) -> None:
         mixed_precision=mixed_precision_mode(config),
         dynamo_backend="inductor" if config.compile else "no",
     )
+    sharding.configure(accelerator, config)
+    if accelerator.is_fsdp2 and not (args.memory or args.generate):
+        raise UserError(
+            "the comparison with a bare PyTorch loop needs the whole model on every process, "
+            "which FSDP does not keep; measure FSDP with --memory, or read tokens_per_sec in "
+            "train.py's metrics.jsonl"
+        )
+    check_optimizer_supported(config, accelerator)
     threads = use_cpu_cores(accelerator)
     set_seed(config.seed)
     if args.generate:
@@ -199,6 +222,9 @@ def main(argv: list[str]) -> None:
             f"(ours {result['speedup_over_transformers']:.2f}x); same tokens: "
             f"{result['same_tokens']}, as transformers: {result['same_tokens_as_transformers']}"
         )
+    elif args.memory:
+        benchmark_memory(config, name, overrides, args, accelerator)
+        return
     else:
         result = benchmark_training(config, name, overrides, args, accelerator)
         mfu = f", MFU {result['mfu']:.1%}" if "mfu" in result else ""
@@ -243,7 +269,8 @@ def check_context(block_size: int, new_tokens: int, fix: str) -> None:
         )
 
 
-def benchmark_training(config, name: str, overrides: dict, args, accelerator: Accelerator) -> dict:
+def model_and_data(config, overrides: dict, args, accelerator: Accelerator) -> tuple:
+    """The config's model and its training split and sampler (random tokens without a data set)."""
     has_data = config.data.mixture or is_data_set(config.data.path)
     random_tokens = args.random_tokens or not has_data
     if random_tokens:
@@ -262,6 +289,35 @@ def benchmark_training(config, name: str, overrides: dict, args, accelerator: Ac
         model = build_model(config, meta, tokenizer, model_overrides)
         data = open_training_data(config, accelerator)
         split, sampler = data.train_split, data.sampler
+    return model, split, sampler, random_tokens
+
+
+def benchmark_memory(config, name: str, overrides: dict, args, accelerator: Accelerator) -> None:
+    config.activation_checkpointing = True  # the wrappers, switched off and on below
+    model, split, sampler, _ = model_and_data(config, overrides, args, accelerator)
+    accum = round(config.grad_accum.peak)
+    step_samples = config.batch_size * accum * accelerator.num_processes
+    step_tokens = step_samples * split.fetch(np.array([0]))[0].size(1)
+    reader = BatchReader(sampler, split, config.batch_size, accelerator)
+    model, optimizer = sharding.prepare(accelerator, model, make_optimizer(model, config), config)
+
+    def ours(position: int) -> None:  # train.py's optimizer step
+        batches = reader(position, accum)
+        train_step(
+            model,
+            optimizer,
+            accelerator,
+            batches.micro_batches,
+            config.optim.grad_clip,
+            step_targets=batches.targets,
+        )
+
+    figures = memory_figures(ours, model, optimizer, accelerator, step_samples)
+    report_memory(name, step_tokens, figures, accelerator, args.output)
+
+
+def benchmark_training(config, name: str, overrides: dict, args, accelerator: Accelerator) -> dict:
+    model, split, sampler, random_tokens = model_and_data(config, overrides, args, accelerator)
     bare_model = copy.deepcopy(model)  # on the CPU until the train.py side's peak memory is known
     accum = round(config.grad_accum.peak)
     step_samples = config.batch_size * accum * accelerator.num_processes
@@ -271,7 +327,7 @@ def benchmark_training(config, name: str, overrides: dict, args, accelerator: Ac
     reader = BatchReader(sampler, split, config.batch_size, accelerator)
     throughput = Throughput.of_run(model, sample_length, accelerator)
 
-    model, optimizer = accelerator.prepare(model, make_optimizer(model, config))
+    model, optimizer = sharding.prepare(accelerator, model, make_optimizer(model, config), config)
 
     def ours(position: int) -> None:
         settings = schedules.at(position * sample_length)
@@ -300,6 +356,8 @@ def benchmark_training(config, name: str, overrides: dict, args, accelerator: Ac
     peak_memory = peak_memory_gb(accelerator.device)
 
     bare_model = bare_model.to(accelerator.device)
+    if config.activation_checkpointing:
+        sharding.checkpoint_activations(bare_model)  # recomputes as much as train.py's side
     bare_optimizer = make_optimizer(bare_model, config)
     apply_settings(bare_optimizer, schedules.at(0))
     if config.compile:
@@ -354,6 +412,57 @@ def benchmark_training(config, name: str, overrides: dict, args, accelerator: Ac
     if "mfu" in figures:
         result["mfu"] = figures["mfu"]
     return result
+
+
+def memory_figures(step_fn, model, optimizer, accelerator: Accelerator, step_samples: int) -> dict:
+    """This process's memory in MiB: weights and optimizer state it holds (its shards under
+    FSDP), and the peak of one optimizer step with activation checkpointing on and off."""
+    device = accelerator.device
+    step_fn(0)  # creates the optimizer state
+    inner = getattr(optimizer, "optimizer", optimizer)
+    held = [sharding.local(t) for state in inner.state.values() for t in state.values()]
+    figures = {
+        "weights_mib": sum(sharding.local(p).nbytes for p in model.parameters()) / 2**20,
+        "optimizer_mib": sum(t.nbytes for t in held if torch.is_tensor(t)) / 2**20,
+    }
+    # Checkpointing on first: memory the allocator keeps after a bigger step would hide a smaller one.
+    for checkpointing, key in ((True, "step_peak_checkpointing_mib"), (False, "step_peak_mib")):
+        with sharding.activation_checkpointing(model, checkpointing):
+            figures[key.replace("peak", "start")] = memory_mib(device)
+            reset_peak_memory(device)
+            step_fn(step_samples)
+            figures[key] = peak_memory_mib(device)
+    return figures
+
+
+def report_memory(
+    name: str, step_tokens: int, figures: dict, accelerator: Accelerator, output: str | None
+) -> None:
+    """Print every process's memory figures (main process) and write them to `output`."""
+    processes = gather_object([{"process": accelerator.process_index, **figures}])
+    if not accelerator.is_main_process:
+        return
+    layout = (
+        "FSDP2" if accelerator.is_fsdp2 else "DDP" if accelerator.num_processes > 1 else "1 process"
+    )
+
+    def mib(value):
+        return "unknown" if value is None else f"{value:,.0f} MiB"
+
+    print(f"{name} on {accelerator.device}, {layout}, {step_tokens} tokens/step, per process:")
+    for f in processes:
+        saved = None
+        if f["step_peak_mib"] is not None:
+            saved = f["step_peak_mib"] - f["step_peak_checkpointing_mib"]
+        print(
+            f"  process {f['process']}: weights {mib(f['weights_mib'])}, optimizer state "
+            f"{mib(f['optimizer_mib'])}, peak of a step {mib(f['step_peak_mib'])} "
+            f"(from {mib(f['step_start_mib'])}), with activation checkpointing "
+            f"{mib(f['step_peak_checkpointing_mib'])} (saves {mib(saved)})"
+        )
+    if output:
+        result = {"config": name, "device": str(accelerator.device), "layout": layout}
+        write_figures(output, {**result, "processes": processes})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Train a GPT on one CPU, one GPU, or many GPUs on many machines.
 
     accelerate launch train.py --config configs/shakespeare.json [--key=value ...]
+    accelerate launch --config_file configs/accelerate/fsdp.yaml train.py --config ...   # sharded
     python train.py --config configs/adder.json --max_steps=500
     python train.py --help                       # every config key with its documentation
 
@@ -22,7 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from gptlab import checkpoints, errors, snapshots, tracking
+from gptlab import checkpoints, errors, nodes, sharding, snapshots, tracking
 from gptlab.config import Config, help_text, load_config
 from gptlab.errors import UserError, run_cli
 from gptlab.evaluation import Evaluator
@@ -60,8 +61,9 @@ def main(argv: list[str]) -> None:
         dynamo_backend="inductor" if config.compile else "no",
         **tracking.accelerator_options(config),
     )
-    threads = use_cpu_cores(accelerator)
-    run = start_run(config, overrides, accelerator, threads)
+    sharding.configure(accelerator, config)  # FSDP as asked, or a one-line refusal
+    nodes.check_shared_run_dir(accelerator, Path(config.out_dir))
+    run = start_run(config, overrides, accelerator)
     progress, window = run.progress, LogWindow(torch.zeros((), device=accelerator.device))
     bar = tqdm(
         total=run.total_tokens,
@@ -152,11 +154,13 @@ class Run:
     config: Config
     accelerator: Accelerator
     model: torch.nn.Module
-    """Prepared by Accelerate: DDP-wrapped, compiled, mixed precision."""
+    """Prepared by Accelerate: DDP-wrapped or FSDP-sharded, compiled, mixed precision."""
     raw_model: torch.nn.Module
-    """The plain model inside it: saved, and used for decoding."""
+    """The plain model inside it: saved, and used for decoding (under FSDP the sharded model
+    itself, whose forward gathers the weights)."""
     eval_model: torch.nn.Module
-    """The plain model, compiled when the run compiles: evaluation needs no DDP."""
+    """The plain model, compiled when the run compiles: evaluation needs no DDP (under FSDP the
+    prepared model)."""
     optimizer: torch.optim.Optimizer
     data: TrainingData
     reader: BatchReader
@@ -175,8 +179,9 @@ class Run:
     stop_reason: str | None
 
 
-def start_run(config: Config, overrides: dict, accelerator: Accelerator, threads: str) -> Run:
+def start_run(config: Config, overrides: dict, accelerator: Accelerator) -> Run:
     """Data, model, optimizer, schedules and run directory; resumed if a snapshot says so."""
+    threads = use_cpu_cores(accelerator)  # on a CPU, this process's share of the cores
     check_optimizer_supported(config, accelerator)
     out_dir = Path(config.out_dir)
     resume_from = snapshots.choose_snapshot(accelerator, config)
@@ -191,10 +196,16 @@ def start_run(config: Config, overrides: dict, accelerator: Accelerator, threads
     # Dropout masks differ between processes (a resume restores each process's own RNG state).
     set_seed(config.seed, device_specific=True)
 
-    # Accelerate wraps the model for DDP, compiles it and handles mixed precision. Evaluation
-    # runs the plain model, compiled on its own: unwrapping the prepared one would strip DDP.
-    model, optimizer = accelerator.prepare(raw_model, make_optimizer(raw_model, config))
-    eval_model = torch.compile(raw_model) if config.compile else raw_model
+    # Accelerate wraps the model for DDP (or shards it, see gptlab/sharding.py), compiles it and
+    # handles mixed precision. Evaluation runs the plain model, compiled on its own: unwrapping
+    # the prepared one would strip DDP. A sharded model has no plain whole model inside: its own
+    # forward gathers each block's weights, so it serves for everything.
+    optimizer = make_optimizer(raw_model, config)
+    model, optimizer = sharding.prepare(accelerator, raw_model, optimizer, config)
+    if accelerator.is_fsdp2:
+        raw_model = eval_model = model
+    else:
+        eval_model = torch.compile(raw_model) if config.compile else raw_model
 
     # The schedules run on tokens; a length in steps converts exactly since the batch is fixed then.
     micro_tokens = config.batch_size * data.sample_length * accelerator.num_processes
@@ -239,6 +250,7 @@ def start_run(config: Config, overrides: dict, accelerator: Accelerator, threads
         "to train",
         run.progress.step,
     )
+    run.log.say(sharding.describe(accelerator, config), run.progress.step)
     run.log.say(run.throughput.peak_source, run.progress.step)
     return run
 
@@ -276,10 +288,12 @@ def end_macro_batch(run: Run, train_event: dict, finished: bool) -> None:
     run.log.say(f"{summary} | train_loss {train_event['train_loss']:.4f} | {rate}", progress.step)
     val_loss = event["val_loss"]
     run.stop_reason = run.early_stopping.update(val_loss)
+    # A sharded model's weights are gathered onto the main process first (every process helps).
+    weights = sharding.gathered_weights(accelerator, run.model, lambda: run.rotator.wants(val_loss))
     saved = on_main_process(
         accelerator,
         lambda: run.rotator.save(
-            run.raw_model, run.data.tokenizer, run.data.info, progress.step, val_loss
+            run.raw_model, run.data.tokenizer, run.data.info, progress.step, val_loss, weights
         ),
     )
     if saved:

@@ -44,10 +44,16 @@ def model_state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(
-    directory: Path, model: nn.Module, tokenizer: Tokenizer, data_info: dict, info: dict
+    directory: Path,
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    data_info: dict,
+    info: dict,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write a checkpoint directory of an unwrapped model (see the module docstring)."""
-    state = hf.to_hf_state(model)
+    """Write a checkpoint directory of an unwrapped model (see the module docstring); `weights`
+    replaces model.state_dict() (a sharded model's, gathered: see gptlab.sharding)."""
+    state = hf.to_hf_state(model, weights)
 
     def fill(tmp_dir: Path) -> None:
         save_file(state, tmp_dir / MODEL_FILE, metadata={"format": "pt"})
@@ -169,9 +175,16 @@ class CheckpointRotator:
         return self.keep_best == 0 or len(kept) < self.keep_best or val_loss < kept[-1][0]
 
     def save(
-        self, model: nn.Module, tokenizer: Tokenizer, data_info: dict, step: int, val_loss: float
+        self,
+        model: nn.Module,
+        tokenizer: Tokenizer,
+        data_info: dict,
+        step: int,
+        val_loss: float,
+        weights: dict[str, torch.Tensor] | None = None,
     ) -> Path | None:
-        """Save if among the best, drop those pushed out, repoint best/ and latest/.
+        """Save if among the best, drop those pushed out, repoint best/ and latest/. `weights`
+        replaces model.state_dict() (a sharded model's, gathered).
 
         The dropping and repointing run after every evaluation, saved or not, so they also finish
         a rotation that a crash interrupted (a resumed run then ends with the same checkpoints).
@@ -181,7 +194,7 @@ class CheckpointRotator:
             directory = self.root / f"step-{step:08d}-val-{val_loss:.4f}"
             try:
                 info = {"step": step, "val_loss": val_loss}
-                save_checkpoint(directory, model, tokenizer, data_info, info)
+                save_checkpoint(directory, model, tokenizer, data_info, info, weights)
             except (OSError, SafetensorError) as error:  # a full disk, say: tmp dir is gone
                 reason = error.strerror if isinstance(error, OSError) else str(error)
                 raise UserError(

@@ -175,6 +175,10 @@ class Config:
     """auto (bf16 where supported, else fp16 on GPU, none on CPU), bf16, fp16 or no."""
     compile: bool = False
     """Compile the model with torch.compile (through Accelerate)."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass instead of keeping them (less memory, about a third more compute); DDP and FSDP alike."""
+    fsdp_reduce_dtype: str = "fp32"
+    """FSDP with mixed precision: precision the gradients are reduced in across processes: fp32, or bf16/fp16 (half the traffic, rounded sums)."""
     keep_best: int = 3
     """Checkpoints kept, the best by val loss; 0 keeps every one."""
     init_from: str = ""
@@ -212,6 +216,8 @@ class Config:
             found.append("early_stop.patience and early_stop.min_delta must not be negative")
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
             found.append(f"mixed_precision is {self.mixed_precision!r}; use auto, bf16, fp16 or no")
+        if self.fsdp_reduce_dtype not in ("fp32", "bf16", "fp16"):
+            found.append(f"fsdp_reduce_dtype is {self.fsdp_reduce_dtype!r}; use fp32, bf16 or fp16")
         if self.keep_best < 0:
             found.append("keep_best must be 0 (keep all) or more")
         if self.snapshot_every < 1 or self.keep_snapshots < 1:

@@ -22,6 +22,16 @@ def windows_per_forward(model: torch.nn.Module, batch_size: int) -> int:
     return max(1, min(batch_size, LOGITS_BUDGET // per_window))
 
 
+def process_share(indices: np.ndarray, accelerator: Accelerator) -> tuple[np.ndarray, int]:
+    """This process's share of `indices` and how many of it are real: the shares are padded (with
+    repeats of the first index) to the same length on every process, because the forward pass
+    of a sharded (FSDP) model is collective, so every process must run as many of them."""
+    share = indices[accelerator.process_index :: accelerator.num_processes]
+    length = -(-len(indices) // accelerator.num_processes)
+    padding = np.full(length - len(share), indices[0], dtype=np.asarray(indices).dtype)
+    return np.concatenate([share, padding]), len(share)
+
+
 @torch.no_grad()
 def evaluate_loss(
     model: torch.nn.Module, split: Split, indices, accelerator: Accelerator, batch_size: int
@@ -30,10 +40,11 @@ def evaluate_loss(
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
-    shard = indices[accelerator.process_index :: accelerator.num_processes]
+    shard, real = process_share(indices, accelerator)
     step = windows_per_forward(model, batch_size)
     for start in range(0, len(shard), step):
         inputs, targets = split.fetch(shard[start : start + step])
+        targets[max(0, real - start) :] = IGNORE_INDEX  # padding counts for nothing
         targets = targets.to(accelerator.device)
         totals[0] += model(inputs.to(accelerator.device), targets).double()
         totals[1] += (targets != IGNORE_INDEX).sum()
@@ -73,9 +84,10 @@ class Evaluator:
     ) -> dict:
         """The eval event after `step`, the same on every process.
 
-        `model` is the compiled model without DDP (processes may get uneven shares, so no
-        collective forward); task metrics use the plain `raw_model` (decoding uses its KV cache).
-        The run's last evaluation (`final`) scores each val set's final subset, where it has one.
+        `model` is the compiled model without DDP (or the sharded model under FSDP, whose forward
+        every process runs equally often); task metrics use the plain `raw_model` (decoding uses
+        its KV cache). The run's last evaluation (`final`) scores each val set's final subset,
+        where it has one.
         """
         event = {"step": step, "tokens": tokens}
         scores, losses, bpbs = {}, [], []

@@ -5,10 +5,18 @@ flops per token 6N + 12*L*H*Q*T (PaLM appendix B, as in nanoGPT) times tokens/s,
 every device in use. N is the parameter count without position embeddings, L layers, H heads,
 Q head size, T the length of the training sequences. The peak comes from a table of datasheet
 figures (dense, no sparsity); a CPU or a GPU not in the table gets no MFU rather than a wrong one.
+
+Memory (the benchmark's --memory) is the allocator's peak on a GPU, and on a Linux CPU the
+process's peak resident set size (VmHWM, which /proc/self/clear_refs resets, after glibc's
+malloc_trim hands back freed memory): it counts Python and the libraries too, so compare such
+figures with each other.
 """
 
+import contextlib
+import ctypes
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -118,3 +126,36 @@ class Throughput:
         if self.peak_flops:
             figures["mfu"] = tokens_per_sec * self.flops_per_token / self.peak_flops
         return figures
+
+
+def _proc_status_mib(field: str) -> float | None:
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    found = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
+    return int(found.group(1)) / 1024 if found else None
+
+
+def memory_mib(device: torch.device) -> float | None:
+    """Memory this process holds now: allocated on a GPU, resident on a CPU (None: unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    return _proc_status_mib("VmRSS")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc: give freed memory back to the system
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")  # peak resident size := current
+
+
+def peak_memory_mib(device: torch.device) -> float | None:
+    """The most this process held since reset_peak_memory (None: unknown here)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return _proc_status_mib("VmHWM")

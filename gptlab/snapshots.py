@@ -5,16 +5,30 @@
         optimizer.bin              optimizer state (and scaler.pt with fp16)
         random_states_<rank>.pkl   every process's RNG states
         state.json                 progress (step, tokens, data position), early stopping, elapsed
-                                   time, length of metrics.jsonl, trackers.json, the resolved config
+                                   time, length of metrics.jsonl, trackers.json, the resolved
+                                   config, the number of processes and whether they sharded
         manifest.json              sha256 of every file, written last
+
+Under FSDP the weights and the optimizer state are sharded instead: pytorch_model_fsdp_0/ and
+optimizer_0/ in torch.distributed.checkpoint's format, every process writing its own shards.
 
 Every process writes its files into out_dir/snapshots/.tmp-step-N; the main process then adds
 state.json and the manifest, flushes and renames the directory, so a crash at any moment leaves
-the older snapshots intact. Pickled files are only ever loaded with weights_only=True.
+the older snapshots intact. Pickled files are only ever loaded with weights_only=True; a sharded
+snapshot's .metadata and the plain values among its shards are checked to be safe the same way.
+
+A snapshot resumes with another number of processes (DDP or FSDP alike) when the global batch,
+batch_size x grad_accum x processes, stays the same at every step: the run then trains on the same
+samples in the same optimizer steps, from the same weights, optimizer state and schedule, with
+losses equal up to the order of floating-point sums. Only the dropout masks cannot carry over, as
+every process has its own RNG streams: they are reseeded from (seed, step, process), so the
+resumed run is reproducible but draws other masks than the original would have.
 """
 
+import io
 import json
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -22,16 +36,18 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, set_seed
 from accelerate.utils import load as load_weights_only
 from safetensors import SafetensorError
 
-from gptlab import storage
+from gptlab import sharding, storage
 from gptlab.checkpoints import model_state_for_saving
 from gptlab.config import Config, dotted
 from gptlab.errors import UserError
+from gptlab.scheduler import ScheduleConfig
 from gptlab.training import on_main_process
 from models.hf import unpickling_cause
 
@@ -52,11 +68,11 @@ BREAKING_KEYS = (
     "data.dir",
     "data.mixture",
     "seed",
-    "batch_size",
-    "grad_accum.",
     "mixed_precision",
     "optim.name",
 )
+# These may change together with the number of processes as long as the global batch stays.
+BATCH_KEYS = ("batch_size", "grad_accum.")
 
 
 def snapshot_dirs(out_dir: Path) -> list[Path]:
@@ -74,6 +90,68 @@ def holds_run(out_dir: Path) -> bool:
     return logged or bool(snapshot_dirs(out_dir))
 
 
+def _refuse_to_unpickle(path: Path, error: Exception) -> UserError:
+    return UserError(
+        f"refusing to unpickle {path}: it holds more than tensors and plain data "
+        f"({unpickling_cause(error)})"
+    )
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles the .metadata of a distributed checkpoint (which torch reads with plain pickle)
+    only if it holds nothing but DCP's own records, sizes, dtypes, layouts and paths."""
+
+    RECORDS = "torch.distributed.checkpoint.metadata"  # its classes, imported only when needed
+    ALLOWED = {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module: str, name: str):
+        record = False
+        if module == self.RECORDS:
+            import torch.distributed.checkpoint.metadata as dcp_metadata
+
+            value = getattr(dcp_metadata, name, None)
+            record = isinstance(value, type) and value.__module__ == self.RECORDS
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if record or dtype or (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
+
+
+def verify_distributed_checkpoint(directory: Path) -> None:
+    """Refuse a sharded (DCP) directory whose .metadata or plain values (optimizer settings,
+    which torch unpickles with weights_only=False) hold more than data; tensors are read by torch
+    with weights_only=True anyway."""
+    import torch.distributed.checkpoint.metadata as dcp_metadata  # slow: only when sharded
+
+    metadata_path = directory / ".metadata"
+    if not metadata_path.is_file():
+        raise UserError(f"{directory} has no .metadata: the sharded snapshot is incomplete")
+    try:
+        with open(metadata_path, "rb") as file:
+            metadata = _MetadataUnpickler(file).load()
+    except Exception as error:
+        raise _refuse_to_unpickle(metadata_path, error) from None
+    for index, info in metadata.storage_data.items():
+        if isinstance(
+            metadata.state_dict_metadata.get(index.fqn), dcp_metadata.BytesStorageMetadata
+        ):
+            path = directory / info.relative_path
+            try:
+                with open(path, "rb") as file:
+                    file.seek(info.offset)
+                    value = io.BytesIO(file.read(info.length))
+                torch.load(value, weights_only=True)
+            except Exception as error:
+                raise _refuse_to_unpickle(path, error) from None
+
+
 def verify_snapshot(directory: Path) -> dict:
     """Check a snapshot is complete, uncorrupted and safe to unpickle; return its state.json."""
     directory = Path(directory)
@@ -87,10 +165,9 @@ def verify_snapshot(directory: Path) -> dict:
                     warnings.simplefilter("ignore")  # about pickle protocols
                     load_weights_only(path, map_location="cpu")
             except Exception as error:
-                raise UserError(
-                    f"refusing to unpickle {path}: it holds more than tensors and plain data "
-                    f"({unpickling_cause(error)})"
-                ) from None
+                raise _refuse_to_unpickle(path, error) from None
+        elif path.is_dir():
+            verify_distributed_checkpoint(path)
     state = json.loads((directory / STATE_FILE).read_text())
     # Accelerate skips missing RNG states silently; a resumed run would then not be exact.
     for rank in range(state["num_processes"]):
@@ -191,17 +268,66 @@ def rerun_hint(out_dir: Path) -> str:
     return "rerun the same command to start again"
 
 
+def _matches(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in prefixes)
+
+
 def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
-    """(breaking, harmless) differences between a snapshot's config and this run's, as text."""
+    """(breaking, harmless) differences between a snapshot's config and this run's, as text,
+    leaving out the batch keys (see batch_changes)."""
     old, new = dotted(old), dotted(new)
     breaking, harmless = [], []
     for key in sorted(set(old) | set(new)):
         if key in ("out_dir", "resume") or old.get(key) == new.get(key):
             continue
+        if _matches(key, BATCH_KEYS):
+            continue
         change = f"{key} {json.dumps(old.get(key))} -> {json.dumps(new.get(key))}"
-        breaks = any(key == k or (k.endswith(".") and key.startswith(k)) for k in BREAKING_KEYS)
-        (breaking if breaks else harmless).append(change)
+        (breaking if _matches(key, BREAKING_KEYS) else harmless).append(change)
     return breaking, harmless
+
+
+def global_batch(config: dict, processes: int) -> tuple[int, str]:
+    """Samples per optimizer step when grad_accum is constant (else 0), and how it is made up."""
+    accum = ScheduleConfig(**config["grad_accum"])
+    constant = accum.first == accum.peak == accum.last
+    steps = round(accum.peak) if constant else 0
+    text = (
+        f"{config['batch_size']} x {round(accum.peak) if constant else 'scheduled'} x {processes}"
+    )
+    return config["batch_size"] * steps * processes, text
+
+
+def batch_changes(
+    old: dict, new: dict, old_processes: int, new_processes: int
+) -> tuple[list[str], list[str]]:
+    """(breaking, harmless) changes of batch_size, grad_accum and the number of processes.
+
+    They may change together as long as every optimizer step keeps its global batch (batch_size x
+    grad_accum x processes): with the same grad_accum schedule when batch_size x processes stays,
+    or with any constant grad_accum whose product stays. The run then trains on the same samples
+    in the same steps (the sampler hands out global positions)."""
+    changes = [
+        f"{key} {json.dumps(value)} -> {json.dumps(dotted(new).get(key))}"
+        for key, value in dotted(old).items()
+        if _matches(key, BATCH_KEYS) and value != dotted(new).get(key)
+    ]
+    if old_processes != new_processes:
+        changes.append(f"processes {old_processes} -> {new_processes}")
+    if not changes:
+        return [], []
+    if old["grad_accum"] == new["grad_accum"]:
+        kept = old["batch_size"] * old_processes == new["batch_size"] * new_processes
+    else:
+        before, after = global_batch(old, old_processes)[0], global_batch(new, new_processes)[0]
+        kept = before > 0 and before == after
+    if kept:
+        return [], changes
+    made_up = f"{global_batch(old, old_processes)[1]} -> {global_batch(new, new_processes)[1]}"
+    return [
+        f"global batch {made_up} (batch_size x grad_accum x processes must stay the same)",
+        *changes,
+    ], []
 
 
 class Snapshots:
@@ -221,6 +347,8 @@ class Snapshots:
         accelerator.register_load_state_pre_hook(self._unwrapped_models)
 
     def _unwrapped_weights(self, models, weights, output_dir) -> None:
+        if not weights:  # FSDP: Accelerate has saved the shards itself
+            return
         for i, model in enumerate(models):
             unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)
             weights[i] = model_state_for_saving(unwrapped)  # a tied output layer stored once
@@ -273,6 +401,7 @@ class Snapshots:
                     "elapsed_s": self.elapsed(),
                     "metrics_bytes": metrics.stat().st_size if metrics.exists() else 0,
                     "num_processes": self.accelerator.num_processes,
+                    "sharding": "fsdp" if self.accelerator.is_fsdp2 else "none",
                     "trackers": json.loads(trackers.read_text()) if trackers.exists() else None,
                     "config": asdict(self.config),
                 }
@@ -285,7 +414,7 @@ class Snapshots:
         return target
 
     def _refuse_non_finite(self, step: int, val_loss: float | None) -> None:
-        finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        finite = sharding.all_finite(self.accelerator, self.model)
         if not finite or (val_loss is not None and not torch.isfinite(torch.tensor(val_loss))):
             newest = snapshot_dirs(self.out_dir)
             raise UserError(
@@ -340,9 +469,17 @@ class Snapshots:
         """
         state = json.loads((Path(directory) / STATE_FILE).read_text())
         breaking, harmless = config_changes(state["config"], asdict(self.config))
-        if state["num_processes"] != self.accelerator.num_processes:
-            processes = f"{state['num_processes']} -> {self.accelerator.num_processes}"
-            breaking.append(f"processes {processes}")
+        processes = self.accelerator.num_processes
+        batch_breaking, batch_harmless = batch_changes(
+            state["config"], asdict(self.config), state["num_processes"], processes
+        )
+        breaking, harmless = breaking + batch_breaking, harmless + batch_harmless
+        sharded = "fsdp" if self.accelerator.is_fsdp2 else "none"
+        if state.get("sharding", "none") != sharded:
+            breaking.append(
+                f"sharding {state.get('sharding', 'none')} -> {sharded}: a snapshot saved with "
+                "FSDP resumes with FSDP only, one saved without it resumes without it"
+            )
         if breaking:
             raise UserError(
                 f"cannot resume from {directory}: the config changes the run "
@@ -350,6 +487,10 @@ class Snapshots:
                 "--out_dir"
             )
         self.accelerator.load_state(str(directory))
+        if state["num_processes"] != processes:  # the saved RNG streams belong to other processes
+            step = state["progress"]["step"]
+            seed = np.random.SeedSequence([self.config.seed, step]).generate_state(1)[0]
+            set_seed(int(seed), device_specific=True)
         self.elapsed_before = state["elapsed_s"]
         # A write that fails (a full or read-only disk) ends the run on every process at once.
         on_main_process(self.accelerator, lambda: self._rewind_run_dir(directory, state))

@@ -40,11 +40,13 @@ def fsync(path: Path) -> None:
 
 
 def finalize_directory(tmp_dir: Path, target: Path) -> None:
-    """Add a manifest to a complete tmp_dir, flush everything to disk, and rename it to target."""
-    files = sorted(p for p in tmp_dir.iterdir() if p.is_file())
-    manifest = {"files": {p.name: sha256_of(p) for p in files}}
+    """Add a manifest to a complete tmp_dir, flush everything to disk, and rename it to target.
+    Files in subdirectories (a sharded snapshot's) are listed by their relative paths."""
+    files = sorted(p for p in tmp_dir.rglob("*") if p.is_file())
+    manifest = {"files": {p.relative_to(tmp_dir).as_posix(): sha256_of(p) for p in files}}
     (tmp_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    for path in [*files, tmp_dir / MANIFEST_FILE, tmp_dir]:
+    folders = sorted((p for p in tmp_dir.rglob("*") if p.is_dir()), reverse=True)
+    for path in [*files, tmp_dir / MANIFEST_FILE, *folders, tmp_dir]:
         fsync(path)
     if target.exists():
         drop_directory(target)

@@ -18,7 +18,7 @@ import numpy as np
 import psutil
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 
 import models
 from gptlab import checkpoints, optimizers, tasks
@@ -36,6 +36,7 @@ from gptlab.errors import UserError
 from gptlab.evaluation import ValSet
 from gptlab.mixture import MixtureSampler, MixtureSplit
 from gptlab.scheduler import StepSettings
+from gptlab.sharding import local
 from gptlab.tasks import arithmetic
 from gptlab.tokenizer import Tokenizer
 from models import IGNORE_INDEX
@@ -98,13 +99,33 @@ def on_main_process(accelerator: Accelerator, work: Callable[[], T]) -> T | None
     return result
 
 
+def on_every_process(accelerator: Accelerator, work: Callable[[], T]) -> T:
+    """Run work() on every process, and if it fails on any, fail on all with its message (the
+    first, naming the process), so that no process waits for one that has died."""
+    result, failure = None, None
+    try:
+        result = work()
+    except UserError as error:
+        failure = str(error)
+    except OSError as error:
+        failure = f"{error.filename or 'a file'}: {error.strerror}; fix that, then rerun"
+    if accelerator.num_processes > 1:
+        failures = gather_object([failure])
+        failure = next(
+            (f"process {rank}: {text}" for rank, text in enumerate(failures) if text), None
+        )
+    if failure is not None:
+        raise UserError(failure)
+    return result
+
+
 def open_data(config: Config, accelerator: Accelerator) -> dict:
     """Read the data set's metadata, preparing a built-in synthetic set first if it is missing."""
     data_dir = config.data.path
-    name, digits = config.data.name, config.data.digits or None
-    if not (data_dir / "meta.json").exists() and name in arithmetic.COMMANDS:
-        on_main_process(accelerator, lambda: prepare_built_in(name, data_dir, digits))
-    meta = read_meta(data_dir)
+    digits = config.data.digits or None
+    on_main_process(accelerator, lambda: prepare_built_in(config.data.name, data_dir, digits))
+    # Every process reads the data: a machine without it stops the run on all of them.
+    meta = on_every_process(accelerator, lambda: read_meta(data_dir))
     prepared = meta.get("task", {}).get("digits")
     if digits and prepared != digits:
         raise UserError(
@@ -115,8 +136,10 @@ def open_data(config: Config, accelerator: Accelerator) -> dict:
 
 
 def prepare_built_in(name: str, data_dir: Path, digits: int | None) -> None:
-    print(f"preparing the {name} data set in {data_dir}")
-    arithmetic.prepare_arithmetic(name, data_dir, digits)
+    """Prepare a built-in synthetic data set if it is missing (main process)."""
+    if not (data_dir / "meta.json").exists() and name in arithmetic.COMMANDS:
+        print(f"preparing the {name} data set in {data_dir}")
+        arithmetic.prepare_arithmetic(name, data_dir, digits)
 
 
 LAUNCHER_MARKERS = ("ACCELERATE_DYNAMO_BACKEND", "TORCHELASTIC_RUN_ID")
@@ -474,8 +497,8 @@ def train_step(
     The loss is normalised by the number of real (unmasked) target tokens of the whole step on
     all processes (`step_targets`, known on the host from the sampler; None counts them with an
     all-reduce), so every token weighs the same whatever micro-batch or process it is in.
-    DDP averages gradients over processes, hence the factor num_processes. Nothing here waits
-    for the device, except the decision to skip a step (skip_nonfinite).
+    DDP and FSDP average gradients over processes, hence the factor num_processes. Nothing here
+    waits for the device, except the decision to skip a step (skip_nonfinite).
     Returns this process's summed token loss, its real-token count, and the gradient norm; with
     skip_nonfinite, a step whose loss or gradient is not finite on any process is not applied
     and its loss is returned as None.
@@ -495,7 +518,7 @@ def train_step(
             loss = model(inputs, targets)
             accelerator.backward(loss * scale)
         loss_sum += loss.detach()
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    grad_norm = clip_grad_norm(model, accelerator, grad_clip)
     if skip_nonfinite:
         bad = (~torch.isfinite(loss_sum)).float() + (~torch.isfinite(grad_norm)).float()
         if accelerator.reduce(bad, "sum").item() > 0:  # every process takes the same decision
@@ -504,6 +527,14 @@ def train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, local_tokens, grad_norm
+
+
+def clip_grad_norm(
+    model: torch.nn.Module, accelerator: Accelerator, grad_clip: float
+) -> torch.Tensor:
+    """Clip the gradient norm over all parameters, sharded ones included (the norm of a sharded
+    model is a replicated DTensor, every process holding the whole value), and return it."""
+    return local(accelerator.clip_grad_norm_(model.parameters(), grad_clip or math.inf))
 
 
 def skip_step(optimizer: torch.optim.Optimizer, accelerator: Accelerator) -> None:

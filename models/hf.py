@@ -113,13 +113,15 @@ def _transposed(name: str) -> bool:
     return name.endswith(GPT2_TRANSPOSED)
 
 
-def to_hf_state(model: nn.Module) -> dict[str, Tensor]:
+def to_hf_state(model: nn.Module, weights: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """The model's weights under transformers' names, on the CPU, contiguous, tied ones once.
+    `weights` (our names) replaces model.state_dict(): a sharded model's, gathered.
 
     GPT-2 always has biases: a GPT built with bias=False gets zero biases, which change nothing.
     """
     config: ModelConfig = model.config
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    weights = model.state_dict() if weights is None else weights
+    state = {k: v.detach().cpu() for k, v in weights.items()}
     hf = {}
     for ours, theirs in name_pairs(config):
         if ours == "lm_head.weight" and config.tie_embeddings:

@@ -29,14 +29,16 @@ def run_script(
     processes: int = 1,
     check: bool = True,
     env: dict | None = None,
+    torchrun: bool = False,
 ) -> subprocess.CompletedProcess:
-    """Run one of the repository's scripts in cwd, as `python script.py` or under torchrun."""
+    """Run one of the repository's scripts in cwd, as `python script.py` or under torchrun (always
+    for more than one process, with ACCELERATE_USE_CPU=true unless env says otherwise)."""
     environment = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", **(env or {})}
-    if processes > 1:
+    if processes > 1 or torchrun:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        environment["ACCELERATE_USE_CPU"] = "true"
+        environment.setdefault("ACCELERATE_USE_CPU", "true")
         launcher = [
             sys.executable,
             "-m",

@@ -293,8 +293,11 @@ class Case:
     """EROFS (read-only) or ENOSPC (full): every write under the working directory fails."""
     absent: str | None = None
     """Words the error line must not hold."""
+    env: dict[str, str] | None = None
+    """Environment the script runs with (a launcher's variables, say)."""
 
 
+FSDP = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
 TRAIN = ["--data.dir={adder}", *TINY_MODEL, "--max_steps=2", "--out_dir=out"]
 EVAL = ["--checkpoint={run}", "--task=adder", "--max_samples=8"]
 GENERATE = ["--checkpoint={run}", "--prompt=12+34=", "--max_new_tokens=3", "--temperature=0"]
@@ -351,6 +354,22 @@ CASES: dict[str, Case] = {
     ),
     "train-block-size-too-small": Case(
         "train.py", [*TRAIN, "--model.block_size=4"], "model.block_size"
+    ),
+    # train.py: sharding (gptlab/sharding.py)
+    "train-activation-checkpointing-not-a-bool": Case(
+        "train.py", [*TRAIN, "--activation_checkpointing=maybe"], "--activation_checkpointing"
+    ),
+    "train-fsdp-reduce-dtype-unknown": Case(
+        "train.py", [*TRAIN, "--fsdp_reduce_dtype=fp8"], "fsdp_reduce_dtype"
+    ),
+    "train-fsdp-reduce-dtype-without-fsdp": Case(
+        "train.py", [*TRAIN, "--fsdp_reduce_dtype=bf16"], "applies to FSDP runs only"
+    ),
+    "train-fsdp-in-one-process-without-a-launcher": Case(
+        "train.py", TRAIN, "without a process group", env=FSDP
+    ),
+    "train-fsdp-flag-misspelt": Case(
+        "train.py", TRAIN, "neither true nor false", env={**FSDP, "ACCELERATE_USE_FSDP": "ture"}
     ),
     # train.py: config files
     "train-config-not-utf8": Case(
@@ -586,6 +605,9 @@ CASES: dict[str, Case] = {
     ),
     "prepare-unknown-command": Case("prepare_data.py", ["addr"], "invalid choice"),
     # benchmark.py
+    "benchmark-memory-and-generate": Case(
+        "benchmark.py", [*BENCH, "--memory", "--generate=4"], "give one"
+    ),
     "benchmark-steps-zero": Case("benchmark.py", [*BENCH, "--steps=0"], "--steps"),
     "benchmark-steps-inf": Case("benchmark.py", [*BENCH, "--steps=inf"], "--steps"),
     "benchmark-rounds-zero": Case("benchmark.py", [*BENCH, "--rounds=0"], "--rounds"),
@@ -651,7 +673,7 @@ def run_case(case: Case, cwd: Path, inputs: dict[str, Path], read_only_wrapper: 
         case.setup(cwd, inputs)
     before = file_tree(cwd)
     args = fill(case.args, inputs)
-    env = {"OMP_NUM_THREADS": "1"}  # the cases run side by side
+    env = {"OMP_NUM_THREADS": "1", **(case.env or {})}  # the cases run side by side
     if case.disk:
         env.update(READ_ONLY_ROOT=str(cwd), READ_ONLY_ERRNO=case.disk)
         script, args = str(read_only_wrapper), [str(REPO / case.script), *args]

@@ -8,12 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from conftest import REPO, TINY_MODEL, mixture_option, read_metrics, run_script
 from gptlab.checkpoints import load_checkpoint
@@ -24,6 +26,7 @@ pytestmark = pytest.mark.slow
 
 # One thread per process, as torchrun sets: a tiny model runs faster without thread contention.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+SHARDED = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
 
 
 def short_run_args(adder_dir, out_dir, *extra: str) -> list[str]:
@@ -58,7 +61,11 @@ def logged_numbers(run_dir: Path) -> list[dict]:
 
 def final_weights(run_dir: Path) -> dict:
     newest = sorted((run_dir / "snapshots").glob("step-*"))[-1]
-    return load_file(newest / "model.safetensors")
+    if (newest / "model.safetensors").exists():
+        return load_file(newest / "model.safetensors")
+    with tempfile.TemporaryDirectory() as scratch:  # a sharded snapshot, read without processes
+        dcp_to_torch_save(newest / "pytorch_model_fsdp_0", Path(scratch) / "whole.pt")
+        return torch.load(Path(scratch) / "whole.pt", weights_only=True)["model"]
 
 
 def assert_same_weights(weights: dict, expected: dict) -> None:
@@ -76,9 +83,9 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert_same_weights(best, load_file(reference / "best" / "model.safetensors"))
 
 
-def launch(args: list[str], cwd: Path, processes: int, log) -> subprocess.Popen:
+def launch(args: list[str], cwd: Path, processes: int, log, env: dict) -> subprocess.Popen:
     """Start train.py as run_script does."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", **ONE_THREAD}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", **ONE_THREAD, **env}
     launcher = [sys.executable]
     if processes > 1:
         with socket.socket() as sock:
@@ -151,12 +158,24 @@ def moment_reached(moment: str, run_dir: Path, chance: random.Random):
     return saving
 
 
-@pytest.mark.parametrize("data, processes", [("adder", 1), ("adder", 2), ("mixture", 2)])
+@pytest.mark.parametrize(
+    "data, layout",
+    [
+        ("adder", "1 process"),
+        ("adder", "2 processes"),
+        ("adder", "FSDP over 2 processes"),
+        ("mixture", "FSDP over 2 processes"),
+    ],
+)
 def test_a_run_killed_many_times_ends_bit_identical_to_an_uninterrupted_one(
-    adder_dir, mixture_dirs, tmp_path, data, processes
+    adder_dir, mixture_dirs, tmp_path, data, layout
 ):
+    processes = 1 if layout == "1 process" else 2
+    env = {**ONE_THREAD, **(SHARDED if layout.startswith("FSDP") else {})}
     # Long enough (12 snapshots) that the run is still going at every kill on a fast machine.
     longer = ["--max_steps=120", "--macro_batch_steps=10", "--batch_size=32"]
+    if layout.startswith("FSDP"):  # sharded and checkpointed: both must resume exactly
+        longer.append("--activation_checkpointing=true")
     if data == "mixture":  # two text sets at 0.8 / 0.2 instead of the adder's examples
         longer += [mixture_option(*mixture_dirs), "--data.eval_samples=16"]
 
@@ -165,10 +184,10 @@ def test_a_run_killed_many_times_ends_bit_identical_to_an_uninterrupted_one(
         return [a for a in args if not (data == "mixture" and a.startswith("--data.dir="))]
 
     whole = run_args(tmp_path / "whole")
-    run_script("train.py", *whole, cwd=tmp_path, processes=processes, env=ONE_THREAD)
+    run_script("train.py", *whole, cwd=tmp_path, processes=processes, env=env)
     killed = tmp_path / "killed"
     args = run_args(killed)
-    chance = random.Random(processes)
+    chance = random.Random(f"{data} {layout}")
     snapshots = killed / "snapshots"
     kills = []
     with open(tmp_path / "killed.log", "w") as log:
@@ -176,11 +195,11 @@ def test_a_run_killed_many_times_ends_bit_identical_to_an_uninterrupted_one(
         moments = ["start-up", "after a snapshot", "during a save", "after a snapshot"]
         moments += ["during a save"]
         for moment in moments:
-            process = launch(args, tmp_path, processes, log)
+            process = launch(args, tmp_path, processes, log, env)
             ready = moment_reached(moment, killed, chance)
             if kill_when(process, ready):
                 kills.append((moment, newest_step(killed)))
-    result = run_script("train.py", *args, cwd=tmp_path, processes=processes, env=ONE_THREAD)
+    result = run_script("train.py", *args, cwd=tmp_path, processes=processes, env=env)
     assert len(kills) >= 4, kills
     assert "resumed from" in result.stdout + result.stderr
     assert_same_run(killed, tmp_path / "whole")

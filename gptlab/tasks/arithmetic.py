@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from gptlab.cli import fraction, positive_int, random_seed
 from gptlab.data import fixed_subset, write_data_set
 from gptlab.errors import UserError
+from gptlab.evaluation import process_share
 from gptlab.tokenizer import Tokenizer
 from models import generate
 
@@ -82,15 +83,20 @@ def count_exact_matches(
     task: ArithmeticTask,
     examples: np.ndarray,
     batch_size: int = 1024,
+    counted: int | None = None,
 ) -> int:
-    """Greedy-decode the answer of every example (rows of token ids) and count exact matches."""
+    """Greedy-decode the answer of every example (rows of token ids) and count exact matches
+    among the first `counted` (default: all; the rest pad a process's share)."""
     device = next(model.parameters()).device
     correct = 0
     batch_size = max(1, batch_size)
     for start in range(0, len(examples), batch_size):
         batch = torch.as_tensor(examples[start : start + batch_size, : task.prompt_length])
         out = generate(model, batch.to(device).long(), task.answer_digits, temperature=0.0)
-        for row in out.tolist():
+        rows = out.tolist()
+        if counted is not None:
+            rows = rows[: max(0, counted - start)]
+        for row in rows:
             prompt = tokenizer.decode(row[: task.prompt_length])
             correct += task.is_correct(prompt, tokenizer.decode(row[task.prompt_length :]))
     return correct
@@ -106,10 +112,10 @@ def exact_matches(
     batch_size: int = 1024,
 ) -> tuple[int, int]:
     """(correct, total) over `indices` of the split, shared out over and summed across processes."""
-    shard = indices[accelerator.process_index :: accelerator.num_processes]
-    correct = count_exact_matches(model, tokenizer, task, split.rows(shard), batch_size)
+    shard, real = process_share(indices, accelerator)
+    correct = count_exact_matches(model, tokenizer, task, split.rows(shard), batch_size, real)
     totals = accelerator.reduce(
-        torch.tensor([correct, len(shard)], device=accelerator.device, dtype=torch.float64), "sum"
+        torch.tensor([correct, real], device=accelerator.device, dtype=torch.float64), "sum"
     )
     return int(totals[0]), int(totals[1])
 
