@@ -29,6 +29,7 @@ from gptlab.errors import UserError, run_cli
 from gptlab.evaluation import Evaluator
 from gptlab.mfu import Throughput
 from gptlab.scheduler import EarlyStopping, RunSchedules
+from gptlab.tasks import chat as chat_data
 from gptlab.tokenizer import Tokenizer
 from gptlab.training import (
     LogWindow,
@@ -184,7 +185,8 @@ def start_run(config: Config, overrides: dict, accelerator: Accelerator) -> Run:
     meta = open_data(config, accelerator)
     tokenizer = Tokenizer.load(config.data.path)
     model_overrides = {k[6:]: v for k, v in overrides.items() if k.startswith("model.")}
-    raw_model = build_model(config, meta, tokenizer, model_overrides)
+    notes: list[str] = []  # what fitting the starting model to the data did, for the log
+    raw_model = build_model(config, meta, tokenizer, model_overrides, notes)
     train_split = open_split(config.data.path, meta, "train", config.model.block_size, config.seed)
     val_split = open_split(config.data.path, meta, "val", config.model.block_size, config.seed)
     # Dropout masks differ between processes (a resume restores each process's own RNG state).
@@ -250,6 +252,10 @@ def start_run(config: Config, overrides: dict, accelerator: Accelerator) -> Run:
         run.progress.step,
     )
     run.log.say(run.throughput.peak_source, run.progress.step)
+    for note in notes:
+        run.log.say(note, run.progress.step)
+    if "chat" in meta:  # what preparing the conversations cut or skipped goes in the run's log too
+        run.log.say(chat_data.describe(meta), run.progress.step)
     return run
 
 

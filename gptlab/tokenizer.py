@@ -2,7 +2,8 @@
 
 Character vocabularies are built as word-level tokenizers that split text into single characters,
 so a character model and a BPE model are saved, loaded and decoded the same way (and transformers'
-AutoTokenizer can read both).
+AutoTokenizer can read both). A tokenizer made for chat also carries its chat template (a Jinja
+string, see gptlab/chat_format.py), saved in tokenizer_config.json where transformers reads it.
 """
 
 import json
@@ -17,8 +18,9 @@ SPECIAL_TOKENS = ("<|endoftext|>",)
 
 
 class Tokenizer:
-    def __init__(self, backend: tokenizers.Tokenizer):
+    def __init__(self, backend: tokenizers.Tokenizer, chat_template: str | None = None):
         self.backend = backend
+        self.chat_template = chat_template
 
     @classmethod
     def from_chars(cls, chars: str) -> "Tokenizer":
@@ -34,7 +36,8 @@ class Tokenizer:
         """Load from a directory (tokenizer.json, or GPT-2's vocab.json + merges.txt) or a hub name."""
         path = Path(name_or_dir)
         if (path / "tokenizer.json").is_file():
-            return cls(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")))
+            backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+            return cls(backend, read_chat_template(path))
         if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
             bpe = tokenizers.ByteLevelBPETokenizer(
                 str(path / "vocab.json"), str(path / "merges.txt")
@@ -42,7 +45,7 @@ class Tokenizer:
             backend = bpe._tokenizer
             known = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is not None]
             backend.add_special_tokens(known)
-            return cls(backend)
+            return cls(backend, read_chat_template(path))
         if path.exists() or str(name_or_dir).startswith((".", "/")):
             raise UserError(
                 f"no tokenizer in {name_or_dir}: expected tokenizer.json or vocab.json + merges.txt"
@@ -50,7 +53,8 @@ class Tokenizer:
         try:  # a hub name such as "gpt2": needs the network the first time
             from transformers import AutoTokenizer
 
-            return cls(AutoTokenizer.from_pretrained(str(name_or_dir)).backend_tokenizer)
+            loaded = AutoTokenizer.from_pretrained(str(name_or_dir))
+            return cls(loaded.backend_tokenizer, getattr(loaded, "chat_template", None))
         except OSError as error:
             raise UserError(
                 f"could not load tokenizer {name_or_dir!r} ({error.__class__.__name__}); "
@@ -94,4 +98,19 @@ class Tokenizer:
         }
         if self.eos_token_id is not None:
             settings.update(eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+        if self.chat_template is not None:
+            settings["chat_template"] = self.chat_template
         (directory / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def read_chat_template(directory: Path) -> str | None:
+    """The chat template saved with a tokenizer: in tokenizer_config.json, or in
+    chat_template.jinja where transformers 5's save_pretrained puts it."""
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    config_path = directory / "tokenizer_config.json"
+    try:
+        template = json.loads(config_path.read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return template if isinstance(template, str) else None
