@@ -78,6 +78,8 @@ class Utf8Guard:
         self.masks: dict[bytes, torch.Tensor] = {}
 
     def allowed(self, pending: bytes) -> torch.Tensor:
+        """Tokens that may follow a reply whose unfinished character is `pending`."""
+        pending = self.canonical(pending)
         if pending not in self.masks:
             allowed = [
                 self.valid_prefix(pending + piece) if piece is not None else not pending
@@ -87,6 +89,16 @@ class Utf8Guard:
             mask[: len(allowed)] = torch.tensor(allowed)
             self.masks[pending] = mask
         return self.masks[pending]
+
+    @staticmethod
+    def canonical(pending: bytes) -> bytes:
+        """An unfinished character that allows the same continuations: after its lead byte and
+        one continuation byte, only the number of bytes still missing matters (so at most a few
+        dozen states are ever worked out)."""
+        if len(pending) < 2:
+            return pending
+        lead = 0xE1 if pending[0] < 0xF0 else 0xF1
+        return bytes([lead]) + b"\x80" * (len(pending) - 1)
 
     @staticmethod
     def valid_prefix(data: bytes) -> bool:

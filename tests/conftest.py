@@ -29,8 +29,10 @@ def run_script(
     processes: int = 1,
     check: bool = True,
     env: dict | None = None,
+    input_text: str | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run one of the repository's scripts in cwd, as `python script.py` or under torchrun."""
+    """Run one of the repository's scripts in cwd, as `python script.py` or under torchrun;
+    input_text, if given, is piped to its standard input."""
     environment = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", **(env or {})}
     if processes > 1:
         with socket.socket() as sock:
@@ -53,6 +55,7 @@ def run_script(
         capture_output=True,
         text=True,
         timeout=900,
+        input=input_text,
     )
     if check and result.returncode != 0:
         raise AssertionError(
