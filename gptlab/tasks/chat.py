@@ -70,15 +70,16 @@ def read_records(source: str, hf_split: str = "train") -> list:
         if not isinstance(records, list):
             raise UserError(f"{source} must hold a JSON list of conversations (or be .jsonl)")
         return records
+    hub_name = source.count("/") <= 1 and not source.startswith((".", "/", "~"))
+    if not path.exists() and (path.suffix in (".json", ".jsonl") or not hub_name):
+        raise UserError(f"input {source} not found")
     import datasets  # only here: it is slow to import
 
     if path.is_dir() and (
         (path / "dataset_info.json").is_file() or (path / "state.json").is_file()
     ):
         loaded = datasets.load_from_disk(str(path))
-    elif path.exists() or str(source).startswith((".", "/", "~")):
-        if not path.exists():
-            raise UserError(f"input {source} not found")
+    elif path.exists():  # a directory of data files
         loaded = _load_dataset(datasets, str(path), hf_split)
     else:
         loaded = _load_dataset(datasets, source, hf_split)
