@@ -244,10 +244,13 @@ def grow_vocabulary(model: nn.Module, old: Tokenizer, new: Tokenizer, source: st
     grown_model.load_state_dict(state)
     tokens = " ".join(t for _, t in added)
     output = "the tied output layer with it" if config.tie_embeddings else "and the output layer"
+    if config.vocab_size > model.config.vocab_size:
+        change = f"grew the token embedding ({output}) from {model.config.vocab_size} to {config.vocab_size} rows"
+    else:  # they fall in the unused rows of a padded vocabulary
+        change = f"gave them unused rows of its padded embedding ({output})"
     note = (
-        f"{source} lacks {len(added)} tokens of the data set ({tokens}): grew the token embedding "
-        f"({output}) from {model.config.vocab_size} to {config.vocab_size} rows; the new tokens "
-        "start at the mean embedding"
+        f"{source} lacks {len(added)} tokens of the data set ({tokens}): {change}; the new "
+        "tokens start at the mean embedding"
     )
     return grown_model, note
 

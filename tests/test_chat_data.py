@@ -302,3 +302,14 @@ def test_growing_the_vocabulary_keeps_old_logits_and_starts_new_rows_at_the_mean
     assert same is model and nothing is None
     with pytest.raises(UserError, match="different tokenizer"):
         grow_vocabulary(model, old, Tokenizer.from_chars("abcdeg"), "ckpt")
+
+
+def test_a_padded_vocabulary_gives_its_unused_rows_to_the_chat_tokens():
+    old = Tokenizer.from_chars("abcdef")
+    new, _ = add_chat_format(old)
+    model = build_model(ModelConfig(vocab_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
+    grown, note = grow_vocabulary(model, old, new, "ckpt")
+    assert grown.config.vocab_size == 16 and "unused rows of its padded embedding" in note
+    table = grown.wte.weight.detach()
+    assert torch.allclose(table[6:10], table[:6].mean(0).expand(4, -1))
+    assert torch.equal(table[10:], model.wte.weight.detach()[10:])
