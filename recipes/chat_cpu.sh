@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # A chat model on a CPU, every step from the shared data: FastChat's identity conversations as a
-# character-level chat set, a small GPT trained on it from scratch, and a four-turn conversation
-# piped through generate.py --chat, checked against transformers. Run from the repository root.
+# character-level chat set, a small Llama (0.86M parameters, context 512) trained on it from
+# scratch, and a four-turn conversation piped through generate.py --chat and checked against
+# transformers. Run from the repository root.
+#
+# The identity set is made to be learnt by heart (FastChat mixes it into its training data), so
+# only 5% of the conversations are held out for val: with 10%, seed 0 holds out both conversations
+# in which "Who are you?" follows "What is up?".
 set -euo pipefail
 
 DATA_ROOT=${DATA_ROOT:-data}
@@ -13,7 +18,8 @@ QUESTIONS=("What is up?" "Who are you?" "Are you GPT-4?" "Goodbye")
 
 start=$(date +%s)
 if [ ! -f "$DATA/meta.json" ]; then
-    python prepare_data.py chat --input "$SHARED_DATA/chat/dummy_conversation.json" --out_dir "$DATA"
+    python prepare_data.py chat --input "$SHARED_DATA/chat/dummy_conversation.json" \
+        --val_fraction 0.05 --out_dir "$DATA"
 fi
 python train.py --config configs/chat_cpu.json --data.dir="$DATA" --out_dir="$RUN"
 trained=$(date +%s)
@@ -45,6 +51,14 @@ for question, our_reply in zip(questions, ours):
     same += reply == our_reply
     messages.append({"role": "assistant", "content": our_reply})
 print(f"transformers (apply_chat_template + greedy generate): {same} of {len(ours)} replies the same")
+# What the data answers: help offered, Vicuna by LMSYS, no, goodbye.
+says = [
+    "help" in ours[0],
+    "Vicuna" in ours[1] and "LMSYS" in ours[1],
+    ours[2].startswith("No"),
+    ours[3].startswith("Goodbye"),
+]
+print(f"replies that say what the data says: {sum(says)} of {len(says)}")
 PYTHON
 
 end=$(date +%s)
