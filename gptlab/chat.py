@@ -221,9 +221,10 @@ class ChatSession:
                 allowed = self.guard.allowed(pending).to(logits.device)
                 logits = logits.masked_fill(~allowed, float("-inf"))
             token = int(self._sample(logits))
-            self.tokens.append(token)
-            if token == self.format.end_id:
+            if token in self.format.stop_ids:  # the history closes the turn with end-of-turn
+                self.tokens.append(self.format.end_id)
                 break
+            self.tokens.append(token)
             reply.append(token)
             text = self.tokenizer.decode(reply)
             if not text.endswith("\ufffd"):  # a character still being spelled out byte by byte

@@ -47,7 +47,7 @@ def add_chat_format(tokenizer: Tokenizer) -> tuple[Tokenizer, list[str]]:
     backend = tokenizers.Tokenizer.from_str(tokenizer.backend.to_str())
     missing = [token for token in CHAT_TOKENS if backend.token_to_id(token) is None]
     backend.add_special_tokens(missing)
-    return Tokenizer(backend, CHAT_TEMPLATE), missing
+    return Tokenizer(backend, tokenizer.eos_token, CHAT_TEMPLATE), missing
 
 
 @dataclass
@@ -80,7 +80,10 @@ class ChatFormat:
 
     @property
     def stop_ids(self) -> list[int]:
-        return [self.end_id]
+        """What ends a reply: end-of-turn, and end-of-text where the tokenizer has one (a model
+        should never say it in a chat, but if it does the reply is over, as in transformers)."""
+        eos = self.tokenizer.eos_token_id
+        return [self.end_id] + ([eos] if eos is not None and eos != self.end_id else [])
 
     def message(self, role: str, content: str) -> tuple[list[int], list[int]]:
         """Ids of one message, and its loss mask: 1 on a reply's text and end-of-turn token."""

@@ -64,4 +64,7 @@ class ModelConfig:
             found.append(f"model.dropout ({self.dropout}) must be in [0, 1)")
         if self.vocab_size < 0 or self.mlp_hidden < 0:
             found.append("model.vocab_size and model.mlp_hidden must not be negative")
+        for name in ("rope_theta", "norm_eps"):
+            if not 0.0 < getattr(self, name) < float("inf"):
+                found.append(f"model.{name} is {getattr(self, name)}; it must be a positive number")
         return found

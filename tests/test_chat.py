@@ -10,7 +10,7 @@ import torch
 
 from conftest import SHARED_DATA, run_script
 from gptlab.chat import ChatSession, Sampling, run_chat
-from gptlab.chat_format import add_chat_format
+from gptlab.chat_format import ChatFormat, add_chat_format
 from gptlab.checkpoints import save_checkpoint
 from gptlab.errors import UserError
 from gptlab.tokenizer import Tokenizer
@@ -205,7 +205,9 @@ def test_generate_chat_through_a_pipe_prints_one_reply_per_line(tmp_path):
     )
     assert lines[:2] == [reply.replace("\n", "\\n") for reply in converse(session, MESSAGES[:2])]
     info = json.loads((checkpoint / "generation_config.json").read_text())
-    assert info["eos_token_id"] == [tokenizer_end(checkpoint)]
+    tokenizer = Tokenizer.load(checkpoint)  # transformers stops where our chat does
+    assert info["eos_token_id"] == ChatFormat.of(tokenizer).stop_ids
+    assert info["eos_token_id"] == [tokenizer_end(checkpoint), tokenizer.eos_token_id]
 
 
 def tokenizer_end(checkpoint) -> int:

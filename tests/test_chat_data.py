@@ -177,9 +177,11 @@ def test_the_template_and_the_markers_travel_with_the_tokenizer(tmp_path):
     tokenizer.save(tmp_path)
     loaded = Tokenizer.load(tmp_path)
     assert loaded.chat_template == tokenizer.chat_template
-    assert [loaded.backend.token_to_id(t) for t in CHAT_TOKENS] == [3, 4, 5, 6]
+    # a, b, c, then end-of-text (every tokenizer of ours has one), then the chat markers
+    assert loaded.eos_token_id == 3
+    assert [loaded.backend.token_to_id(t) for t in CHAT_TOKENS] == [4, 5, 6, 7]
     again, added = add_chat_format(loaded)
-    assert added == [] and again.vocab_size == 7
+    assert added == [] and again.vocab_size == 8 and again.eos_token_id == 3
     with pytest.raises(UserError, match="no chat template; fine-tune it on chat data first"):
         ChatFormat.of(Tokenizer.from_chars("abc"), "out/x")
 
@@ -281,22 +283,22 @@ def test_conversations_longer_than_the_context_are_cut_at_turns_counted_or_refus
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_growing_the_vocabulary_keeps_old_logits_and_starts_new_rows_at_the_mean(tie):
-    old = Tokenizer.from_chars("abcdef")
+    old = Tokenizer.from_chars("abcdef")  # 6 characters and end-of-text
     new, added = add_chat_format(old)
     torch.manual_seed(0)
     arch = "gpt" if tie else "llama"
     model = build_model(
-        ModelConfig(arch=arch, vocab_size=6, n_layer=1, n_head=2, n_embd=16, tie_embeddings=tie)
+        ModelConfig(arch=arch, vocab_size=7, n_layer=1, n_head=2, n_embd=16, tie_embeddings=tie)
     ).eval()
     grown, note = grow_vocabulary(model, old, new, "ckpt")
-    assert grown.config.vocab_size == 10 and "grew the token embedding" in note
+    assert grown.config.vocab_size == 11 and "grew the token embedding" in note
     assert ("tied output layer" in note) == tie
     ids = torch.tensor([[0, 1, 2, 3]])
     with torch.no_grad():
-        assert torch.allclose(grown(ids)[..., :6], model(ids), atol=1e-6)
+        assert torch.allclose(grown(ids)[..., :7], model(ids), atol=1e-6)
     for name in ("wte.weight",) if tie else ("wte.weight", "lm_head.weight"):
         table = grown.state_dict()[name]
-        assert torch.allclose(table[6:], table[:6].mean(0).expand(4, -1))
+        assert torch.allclose(table[7:], table[:7].mean(0).expand(4, -1))
     assert (grown.lm_head.weight is grown.wte.weight) == tie
     same, nothing = grow_vocabulary(model, old, old, "ckpt")
     assert same is model and nothing is None
@@ -311,5 +313,5 @@ def test_a_padded_vocabulary_gives_its_unused_rows_to_the_chat_tokens():
     grown, note = grow_vocabulary(model, old, new, "ckpt")
     assert grown.config.vocab_size == 16 and "unused rows of its padded embedding" in note
     table = grown.wte.weight.detach()
-    assert torch.allclose(table[6:10], table[:6].mean(0).expand(4, -1))
-    assert torch.equal(table[10:], model.wte.weight.detach()[10:])
+    assert torch.allclose(table[7:11], table[:7].mean(0).expand(4, -1))
+    assert torch.equal(table[11:], model.wte.weight.detach()[11:])

@@ -29,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
+from gptlab import storage
 from gptlab.chat_format import ChatFormat, add_chat_format
-from gptlab.cli import non_negative_int, positive_int
-from gptlab.data import token_dtype, write_data_set
+from gptlab.cli import fraction, fraction_or_zero, positive_int, random_seed
+from gptlab.data import is_data_set, token_dtype, write_data_set
 from gptlab.errors import UserError
 from gptlab.tokenizer import Tokenizer
 
@@ -331,6 +332,10 @@ def prepare_chat(
         raise UserError("--val_fraction must be above 0: training scores every macro-batch on val")
     if block_size < 2:
         raise UserError(f"--block_size {block_size} must be at least 2")
+    reads_from = [Path(p) for p in (source, tokenizer_name) if Path(p).exists()]
+    storage.check_output_dir(out_dir, "data set", is_data_set, reads_from)  # before any reading
+    if is_data_set(out_dir) and not overwrite:
+        raise UserError(f"data set {out_dir} already exists; pass --overwrite to replace it")
     fmt, conversations, no_reply = read_conversations(source, hf_split)
     tokenizer, added = chat_tokenizer(tokenizer_name, conversations)
     chat = ChatFormat.of(tokenizer)
@@ -386,7 +391,6 @@ def prepare_chat(
             "chat": {**summary, "splits": split_info},
         }
 
-    reads_from = [Path(source)] if Path(source).exists() else []
     write_data_set(out_dir, tokenizer, fill, overwrite, reads_from=reads_from)
     print(describe(json.loads((out_dir / "meta.json").read_text())))
     return out_dir
@@ -441,9 +445,13 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         help="a conversation longer than the context: keep the turns that fit (cutting the first "
         "reply if even it does not fit), skip it, or stop with an error",
     )
-    parser.add_argument("--val_fraction", type=float, default=0.1, help="conversations for val")
-    parser.add_argument("--test_fraction", type=float, default=0.0, help="for test (0: none)")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the split")
+    parser.add_argument(
+        "--val_fraction", type=fraction, default=0.1, help="share of conversations for val"
+    )
+    parser.add_argument(
+        "--test_fraction", type=fraction_or_zero, default=0.0, help="for test (0: none)"
+    )
+    parser.add_argument("--seed", type=random_seed, default=0, help="seed of the split")
     parser.add_argument("--hf_split", default="train", help="split of a Hugging Face data set")
 
 
