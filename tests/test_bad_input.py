@@ -268,9 +268,9 @@ def hf_dir(change: str) -> Callable:
     return setup
 
 
-def chat_records(*messages: dict) -> str:
+def chat_records(messages: list[dict] | None = None) -> str:
     """A chat file (OpenAI messages) of four conversations: these messages, or a good exchange."""
-    exchange = list(messages) or [
+    exchange = messages or [
         {"role": "user", "content": "Who are you?"},
         {"role": "assistant", "content": "A test."},
     ]
@@ -605,7 +605,10 @@ CASES: dict[str, Case] = {
         "prepare_data.py",
         ["chat", "--input=c.json"],
         "role 'bot'",
-        write("c.json", chat_records([{"role": "user", "content": "a"}, {"role": "bot"}])),
+        write(
+            "c.json",
+            chat_records([{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]),
+        ),
     ),
     "prepare-chat-no-assistant-turn-left": Case(
         "prepare_data.py",
