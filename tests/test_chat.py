@@ -115,6 +115,20 @@ def test_replies_stream_token_by_token_and_clear_keeps_the_system_prompt():
     assert session.tokens == system
 
 
+def test_end_of_text_also_ends_a_reply_and_the_history_closes_it_with_end_of_turn(monkeypatch):
+    """transformers stops at both (generation_config.json), so our chat must too."""
+    tokenizer = chat_tokenizer()
+    session = ChatSession(
+        random_model(tokenizer), tokenizer, sampling=Sampling(temperature=0.0, max_new_tokens=9)
+    )
+    assert session.format.stop_ids == [session.format.end_id, tokenizer.eos_token_id]
+    o, k = tokenizer.encode("ok")
+    said = iter([o, k, tokenizer.eos_token_id, o])
+    monkeypatch.setattr(session, "_sample", lambda logits: torch.tensor(next(said)))
+    assert "".join(session.reply("hi")) == "ok"
+    assert session.tokens[-3:] == [o, k, session.format.end_id]
+
+
 def test_byte_level_replies_are_always_valid_utf8():
     """A random model over GPT-2's byte-level vocabulary spells out broken characters freely;
     the guard only lets through tokens that keep the reply valid UTF-8."""
