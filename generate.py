@@ -2,16 +2,26 @@
 
     python generate.py --checkpoint out/shakespeare_cpu --prompt "ROMEO:" --max_new_tokens 300
     python generate.py --checkpoint out/adder --prompt "123+456=" --max_new_tokens 4 --temperature 0
+    python generate.py --checkpoint out/chat_cpu --chat [--system "You are ..."]
+    printf 'What is up?\nWho are you?\n' | python generate.py --checkpoint out/chat_cpu --chat
 
 --checkpoint takes a checkpoint directory or a run directory (meaning its best checkpoint), or a
 Hugging Face GPT-2 or Llama model directory or hub name (`gpt2`, `gpt2-medium`, ...).
 --temperature 0 decodes greedily, which is deterministic.
+
+--chat talks with a model fine-tuned on chat data (prepare_data.py chat): the history is kept
+(with its KV cache) across turns, each reply streams until the end-of-turn token, and the oldest
+exchanges are dropped, with a notice, when the context is full. Type /clear to forget the
+conversation, /quit or Ctrl-D to leave. When standard input is not a terminal, each line is one
+user message and each reply is printed as one line (its own line breaks written as \\n).
 """
 
 import argparse
+import sys
 
 import torch
 
+from gptlab.chat import ChatSession, Sampling, run_chat, terminal_lines
 from gptlab.checkpoints import load_checkpoint
 from gptlab.cli import (
     ArgumentParser,
@@ -58,7 +68,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--device", type=device, default="auto", help="auto, cpu, cuda, cuda:1, mps, ..."
     )
     parser.add_argument("--no_cache", action="store_true", help="recompute without a KV cache")
-    return parser.parse_args(argv)
+    parser.add_argument("--chat", action="store_true", help="talk with a chat model (see above)")
+    parser.add_argument("--system", help="--chat: the system prompt")
+    args = parser.parse_args(argv)
+    if args.chat and (args.prompt or args.num_samples != 1):
+        raise UserError(
+            "--chat reads the messages from the terminal or stdin: drop --prompt/--num_samples"
+        )
+    if args.system is not None and not args.chat:
+        raise UserError("--system sets the system prompt of --chat; add --chat")
+    return args
 
 
 def start_tokens(tokenizer, prompt: str) -> list[int]:
@@ -77,6 +96,9 @@ def main(argv: list[str]) -> None:
     checkpoint = load_checkpoint(args.checkpoint)
     device = args.device
     model = checkpoint.model.to(device)
+    if args.chat:
+        chat(args, checkpoint, model, device)
+        return
     prompt = start_tokens(checkpoint.tokenizer, args.prompt)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     idx = torch.tensor([prompt] * args.num_samples, dtype=torch.long, device=device)
@@ -94,6 +116,21 @@ def main(argv: list[str]) -> None:
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
         print(checkpoint.tokenizer.decode(row))
+
+
+def chat(args: argparse.Namespace, checkpoint, model: torch.nn.Module, device) -> None:
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+    session = ChatSession(
+        model,
+        checkpoint.tokenizer,
+        system=args.system,
+        sampling=sampling,
+        use_cache=not args.no_cache,
+        generator=torch.Generator(device=device).manual_seed(args.seed),
+        source=args.checkpoint,
+    )
+    interactive = sys.stdin.isatty()
+    run_chat(session, terminal_lines() if interactive else sys.stdin, interactive)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from gptlab.evaluation import Evaluator
 from gptlab.mfu import Throughput
 from gptlab.optimizers import check_optimizer_supported
 from gptlab.scheduler import EarlyStopping, RunSchedules
+from gptlab.tasks import chat as chat_data
 from gptlab.training import (
     BatchReader,
     LogWindow,
@@ -191,7 +192,8 @@ def start_run(config: Config, overrides: dict, accelerator: Accelerator) -> Run:
     set_seed(config.seed)
     model_overrides = {k[6:]: v for k, v in overrides.items() if k.startswith("model.")}
     meta, tokenizer = data_vocabulary(config, accelerator)
-    raw_model = build_model(config, meta, tokenizer, model_overrides)
+    notes: list[str] = []  # what fitting the starting model to the data did, for the log
+    raw_model = build_model(config, meta, tokenizer, model_overrides, notes)
     data = open_training_data(config, accelerator)  # after fine-tuning set model.block_size
     # Dropout masks differ between processes (a resume restores each process's own RNG state).
     set_seed(config.seed, device_specific=True)
@@ -252,6 +254,10 @@ def start_run(config: Config, overrides: dict, accelerator: Accelerator) -> Run:
     )
     run.log.say(sharding.describe(accelerator, config), run.progress.step)
     run.log.say(run.throughput.peak_source, run.progress.step)
+    for note in notes:
+        run.log.say(note, run.progress.step)
+    if "chat" in meta:  # what preparing the conversations cut or skipped goes in the run's log too
+        run.log.say(chat_data.describe(meta), run.progress.step)
     return run
 
 

@@ -7,7 +7,9 @@ and is a Hugging Face model directory too (see models/hf.py):
     config.json         transformers' config (GPT2LMHeadModel or LlamaForCausalLM), with our exact
                         ModelConfig under "gptlab" and the step and val loss
     data.json           what the model was trained on (data format, arithmetic task, ...)
-    tokenizer.json      the tokenizer or character vocabulary (+ tokenizer_config.json)
+    tokenizer.json      the tokenizer or character vocabulary (+ tokenizer_config.json, which
+                        holds the chat template of a model trained on chat data)
+    generation_config.json  chat models only: generation stops at the end-of-turn token
     manifest.json       sha256 of every file, written last
 
 load_checkpoint also takes any Hugging Face GPT-2 or Llama model directory or hub name.
@@ -28,6 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from gptlab import storage
+from gptlab.chat_format import END_OF_TURN
 from gptlab.errors import UserError
 from gptlab.tokenizer import Tokenizer
 from models import ModelConfig, build_model, hf
@@ -65,6 +68,12 @@ def save_checkpoint(
         (tmp_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp_dir / "data.json").write_text(json.dumps(data_info, indent=2) + "\n")
         tokenizer.save(tmp_dir)
+        end_of_turn = tokenizer.backend.token_to_id(END_OF_TURN)
+        if tokenizer.chat_template is not None and end_of_turn is not None:
+            # transformers' generate() then stops where our chat does.
+            stops = [end_of_turn] + [i for i in [tokenizer.eos_token_id] if i is not None]
+            generation = {"eos_token_id": stops, "pad_token_id": end_of_turn}
+            (tmp_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
     storage.write_directory_atomically(Path(directory), fill)
 
@@ -221,6 +230,52 @@ class CheckpointRotator:
 
 FINETUNE_CHANGES = ("dropout", "block_size")
 """Model keys a fine-tuning run may change on the command line; every other one is the checkpoint's."""
+
+
+def grow_vocabulary(model: nn.Module, old: Tokenizer, new: Tokenizer, source: str) -> tuple:
+    """The model for tokenizer `new`, which is `old` with tokens appended (the chat tokens, say):
+    the token embedding (and with it a tied output layer; an untied one too) grows to the new
+    vocabulary, and the rows of the added tokens start at the mean row of the old tokens, so
+    they begin as an average token rather than noise. Returns the model and what was done
+    (None if the vocabularies are the same); any other difference in vocabulary is refused."""
+    old_vocab, new_vocab = old.backend.get_vocab(), new.backend.get_vocab()
+    if old_vocab == new_vocab:
+        return model, None
+    added = sorted((i, t) for t, i in new_vocab.items() if t not in old_vocab)
+    if any(new_vocab.get(t) != i for t, i in old_vocab.items()) or (
+        added and added[0][0] < len(old_vocab)
+    ):
+        raise UserError(
+            f"init_from {source} has a different tokenizer than the data set; prepare the data "
+            f"with the checkpoint's tokenizer (`--tokenizer {source}`)"
+        )
+    config = ModelConfig(**asdict(model.config))
+    config.vocab_size = max(config.vocab_size, len(new_vocab))
+    state = model.state_dict()
+    known = torch.tensor(sorted(old_vocab.values()))
+    new_ids = torch.tensor([i for i, _ in added])
+    for name in ("wte.weight", "lm_head.weight"):
+        if name not in state or (name == "lm_head.weight" and config.tie_embeddings):
+            continue
+        table = state[name]
+        grown = torch.cat([table, table.new_zeros(config.vocab_size - len(table), table.size(1))])
+        grown[new_ids] = table[known].mean(dim=0)
+        state[name] = grown
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["wte.weight"]
+    grown_model = build_model(config)
+    grown_model.load_state_dict(state)
+    tokens = " ".join(t for _, t in added)
+    output = "the tied output layer with it" if config.tie_embeddings else "and the output layer"
+    if config.vocab_size > model.config.vocab_size:
+        change = f"grew the token embedding ({output}) from {model.config.vocab_size} to {config.vocab_size} rows"
+    else:  # they fall in the unused rows of a padded vocabulary
+        change = f"gave them unused rows of its padded embedding ({output})"
+    note = (
+        f"{source} lacks {len(added)} tokens of the data set ({tokens}): {change}; the new "
+        "tokens start at the mean embedding"
+    )
+    return grown_model, note
 
 
 def adapt_for_finetuning(model: nn.Module, changes: dict, source: str) -> nn.Module:

@@ -56,6 +56,7 @@ positive_int = _checked(int, lambda v: v >= 1, "a whole number of at least 1")
 non_negative_int = _checked(int, lambda v: v >= 0, "a whole number of 0 or more")
 non_negative_float = _checked(float, lambda v: v >= 0, "a finite number of 0 or more")
 fraction = _checked(float, lambda v: 0 < v < 1, "a number between 0 and 1")
+fraction_or_zero = _checked(float, lambda v: 0 <= v < 1, "a number of at least 0 and below 1")
 probability = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 MAX_SEED = 2**31 - 1

@@ -4,7 +4,9 @@ Character vocabularies are built as word-level tokenizers that split text into s
 so a character model and a BPE model are saved, loaded and decoded the same way (and transformers'
 AutoTokenizer can read both). Every tokenizer we build or prepare data with has an end-of-text
 special token (appended after each document) that tokenizer_config.json names as `eos_token`,
-so tools built on transformers find it.
+so tools built on transformers find it. A tokenizer made for chat also carries its chat template
+(a Jinja string, see gptlab/chat_format.py), saved in tokenizer_config.json where transformers
+reads it.
 """
 
 import json
@@ -41,11 +43,17 @@ def _refusing_corrupt(*files: Path) -> Iterator[None]:
 
 
 class Tokenizer:
-    def __init__(self, backend: tokenizers.Tokenizer, eos_token: str | None = None):
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        eos_token: str | None = None,
+        chat_template: str | None = None,
+    ):
         self.backend = backend
         if eos_token is None and backend.token_to_id(END_OF_TEXT) is not None:
             eos_token = END_OF_TEXT
         self.eos_token = eos_token if backend.token_to_id(eos_token or "") is not None else None
+        self.chat_template = chat_template
 
     @classmethod
     def from_chars(cls, chars: str) -> "Tokenizer":
@@ -82,7 +90,7 @@ class Tokenizer:
         if (path / "tokenizer.json").is_file():
             with _refusing_corrupt(path / "tokenizer.json"):
                 backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
-            return cls(backend, _configured_eos(path))
+            return cls(backend, _configured_eos(path), read_chat_template(path))
         if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
             with _refusing_corrupt(path / "vocab.json", path / "merges.txt"):
                 bpe = tokenizers.ByteLevelBPETokenizer(
@@ -91,7 +99,7 @@ class Tokenizer:
             backend = bpe._tokenizer
             known = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is not None]
             backend.add_special_tokens(known)
-            return cls(backend, _configured_eos(path))
+            return cls(backend, _configured_eos(path), read_chat_template(path))
         if path.exists() or str(name_or_dir).startswith((".", "/")):
             raise UserError(
                 f"no tokenizer in {name_or_dir}: expected tokenizer.json or vocab.json + merges.txt"
@@ -100,7 +108,7 @@ class Tokenizer:
             from transformers import AutoTokenizer
 
             hub = AutoTokenizer.from_pretrained(str(name_or_dir))
-            return cls(hub.backend_tokenizer, hub.eos_token)
+            return cls(hub.backend_tokenizer, hub.eos_token, getattr(hub, "chat_template", None))
         except OSError as error:
             raise UserError(
                 f"could not load tokenizer {name_or_dir!r} from the Hugging Face Hub "
@@ -115,7 +123,7 @@ class Tokenizer:
             return self
         backend = tokenizers.Tokenizer.from_str(self.backend.to_str())
         backend.add_special_tokens([END_OF_TEXT])
-        return Tokenizer(backend, END_OF_TEXT)
+        return Tokenizer(backend, END_OF_TEXT, self.chat_template)
 
     @property
     def is_char_level(self) -> bool:
@@ -166,7 +174,22 @@ class Tokenizer:
         }
         if self.eos_token is not None:
             settings.update(eos_token=self.eos_token, bos_token=self.eos_token)
+        if self.chat_template is not None:
+            settings["chat_template"] = self.chat_template
         (directory / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def read_chat_template(directory: Path) -> str | None:
+    """The chat template saved with a tokenizer: in tokenizer_config.json, or in
+    chat_template.jinja where transformers 5's save_pretrained puts it."""
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    config_path = directory / "tokenizer_config.json"
+    try:
+        template = json.loads(config_path.read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return template if isinstance(template, str) else None
 
 
 def bpe_size(spec: str) -> int:

@@ -349,19 +349,24 @@ def mixed_precision_mode(config: Config) -> str:
 
 
 def build_model(
-    config: Config, meta: dict, tokenizer: Tokenizer, model_overrides: dict
+    config: Config,
+    meta: dict,
+    tokenizer: Tokenizer,
+    model_overrides: dict,
+    notes: list[str] | None = None,
 ) -> torch.nn.Module:
     """A fresh model for the data set, or the weights of config.init_from. Fine-tuning sets
     config.model to the checkpoint's, with the command line's model.* overrides
-    (`model_overrides`, names without the prefix) that fine-tuning allows."""
+    (`model_overrides`, names without the prefix) that fine-tuning allows, and the embedding
+    grown for tokens the data set's tokenizer appends (chat markers); `notes` gets what was done."""
     if config.init_from:
         start = checkpoints.load_checkpoint(config.init_from)
-        if start.tokenizer.backend.get_vocab() != tokenizer.backend.get_vocab():
-            raise UserError(
-                f"init_from {config.init_from} has a different tokenizer than data set "
-                f"{config.data.path}; prepare the data with the checkpoint's tokenizer"
-            )
-        model = checkpoints.adapt_for_finetuning(start.model, model_overrides, config.init_from)
+        model, note = checkpoints.grow_vocabulary(
+            start.model, start.tokenizer, tokenizer, config.init_from
+        )
+        if note and notes is not None:
+            notes.append(note)
+        model = checkpoints.adapt_for_finetuning(model, model_overrides, config.init_from)
         config.model = model.config
         return model.train()
     if config.model.vocab_size == 0:

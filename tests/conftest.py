@@ -30,9 +30,11 @@ def run_script(
     check: bool = True,
     env: dict | None = None,
     torchrun: bool = False,
+    input_text: str | None = None,
 ) -> subprocess.CompletedProcess:
     """Run one of the repository's scripts in cwd, as `python script.py` or under torchrun (always
-    for more than one process, with ACCELERATE_USE_CPU=true unless env says otherwise)."""
+    for more than one process, with ACCELERATE_USE_CPU=true unless env says otherwise);
+    input_text, if given, is piped to its standard input."""
     environment = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", **(env or {})}
     if processes > 1 or torchrun:
         with socket.socket() as sock:
@@ -55,6 +57,7 @@ def run_script(
         capture_output=True,
         text=True,
         timeout=900,
+        input=input_text,
     )
     if check and result.returncode != 0:
         raise AssertionError(

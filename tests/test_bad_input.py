@@ -268,6 +268,15 @@ def hf_dir(change: str) -> Callable:
     return setup
 
 
+def chat_records(messages: list[dict] | None = None) -> str:
+    """A chat file (OpenAI messages) of four conversations: these messages, or a good exchange."""
+    exchange = messages or [
+        {"role": "user", "content": "Who are you?"},
+        {"role": "assistant", "content": "A test."},
+    ]
+    return json.dumps([{"messages": exchange}] * 4)
+
+
 def metrics(*lines: str | bytes) -> Callable:
     """A run directory ./r whose metrics.jsonl holds these lines."""
     good = json.dumps({"step": 1, "tokens": 64, "train_loss": 2.5, "lr": 1e-3, "grad_norm": 1.0})
@@ -604,6 +613,62 @@ CASES: dict[str, Case] = {
         write("in.txt", "hello\n"),
     ),
     "prepare-unknown-command": Case("prepare_data.py", ["addr"], "invalid choice"),
+    # prepare_data.py chat (issue 11's bad input) and generate.py --chat
+    "prepare-chat-file-in-no-format": Case(
+        "prepare_data.py",
+        ["chat", "--input=c.json"],
+        "which match none",
+        write("c.json", json.dumps([{"question": "a", "answer": "b"}])),
+    ),
+    "prepare-chat-role-outside-the-three": Case(
+        "prepare_data.py",
+        ["chat", "--input=c.json"],
+        "role 'bot'",
+        write(
+            "c.json",
+            chat_records([{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]),
+        ),
+    ),
+    "prepare-chat-no-assistant-turn-left": Case(
+        "prepare_data.py",
+        ["chat", "--input=c.json"],
+        "none of the 4 conversations",
+        write("c.json", chat_records([{"role": "user", "content": "a"}])),
+    ),
+    "prepare-chat-val-fraction-zero": Case(
+        "prepare_data.py",
+        ["chat", "--input=c.json", "--val_fraction=0"],
+        "--val_fraction",
+        write("c.json", chat_records()),
+    ),
+    "prepare-chat-test-fraction-one": Case(
+        "prepare_data.py",
+        ["chat", "--input=c.json", "--test_fraction=1"],
+        "--test_fraction",
+        write("c.json", chat_records()),
+    ),
+    "prepare-chat-seed-inf": Case(
+        "prepare_data.py", ["chat", "--input=c.json", "--seed=inf"], "--seed", write("c.json", "[]")
+    ),
+    "prepare-chat-block-size-zero": Case(
+        "prepare_data.py",
+        ["chat", "--input=c.json", "--block_size=0"],
+        "--block_size",
+        write("c.json", "[]"),
+    ),
+    "prepare-chat-into-the-directory-it-reads": Case(
+        "prepare_data.py",
+        ["chat", "--input=c.json", "--out_dir=."],
+        "overlaps",
+        write("c.json", chat_records()),
+    ),
+    "generate-chat-checkpoint-without-a-chat-template": Case(
+        "generate.py", ["--checkpoint={run}", "--chat"], "prepare_data.py chat"
+    ),
+    "generate-chat-with-a-prompt": Case("generate.py", [*GENERATE, "--chat"], "--prompt"),
+    "generate-system-without-chat": Case(
+        "generate.py", [*GENERATE, "--system=Be brief."], "add --chat"
+    ),
     # benchmark.py
     "benchmark-memory-and-generate": Case(
         "benchmark.py", [*BENCH, "--memory", "--generate=4"], "give one"

@@ -16,9 +16,9 @@ A new data set or task is one new module added to MODULES.
 from types import ModuleType
 
 from gptlab.errors import UserError
-from gptlab.tasks import arithmetic, text
+from gptlab.tasks import arithmetic, chat, text
 
-MODULES: tuple[ModuleType, ...] = (text, arithmetic)
+MODULES: tuple[ModuleType, ...] = (text, arithmetic, chat)
 
 
 def for_command(command: str) -> ModuleType:
@@ -40,4 +40,6 @@ def for_score(task: str) -> ModuleType:
 
 def for_data_set(meta: dict) -> ModuleType:
     """The module whose data set this is (by the meta.json of a prepared set)."""
+    if "chat" in meta:
+        return chat
     return arithmetic if "task" in meta else text
