@@ -196,7 +196,8 @@ def start_run(config: Config, overrides: dict, accelerator: Accelerator) -> Run:
     eval_model = torch.compile(raw_model) if config.compile else raw_model
 
     # The schedules run on tokens; a length in steps converts exactly since the batch is fixed then.
-    sample_length = train_split.fetch([0])[0].size(1)
+    # (A classifier's sample counts as its whole row of example_length, padding included.)
+    sample_length = train_split.sample_length
     micro_tokens = config.batch_size * sample_length * accelerator.num_processes
     peak_accum = round(config.grad_accum.peak)
     total_tokens = config.max_tokens or config.max_steps * micro_tokens * peak_accum
@@ -207,7 +208,11 @@ def start_run(config: Config, overrides: dict, accelerator: Accelerator) -> Run:
         config.batch_size,
         data_module.val_metrics(meta, tokenizer, val_split, config.data.exact_match_samples),
     )
-    data_info = {k: v for k, v in meta.items() if k in ("format", "example_length", "task")}
+    data_info = {
+        k: v
+        for k, v in meta.items()
+        if k in ("format", "example_length", "task", "labels", "pooling", "keep")
+    }
     data_info["dir"] = str(config.data.path)
     run = Run(
         config=config,
@@ -224,7 +229,9 @@ def start_run(config: Config, overrides: dict, accelerator: Accelerator) -> Run:
         micro_tokens=micro_tokens,
         evaluate=evaluate,
         early_stopping=EarlyStopping(config.early_stop),
-        rotator=checkpoints.CheckpointRotator(out_dir, config.keep_best),
+        rotator=checkpoints.CheckpointRotator(
+            out_dir, config.keep_best, data_module.CHECKPOINT_METRIC
+        ),
         snapshots=snapshots.Snapshots(accelerator, out_dir, config, raw_model),
         data_info=data_info,
         log=tracking.RunLog(accelerator, out_dir),
@@ -250,6 +257,14 @@ def start_run(config: Config, overrides: dict, accelerator: Accelerator) -> Run:
         run.progress.step,
     )
     run.log.say(run.throughput.peak_source, run.progress.step)
+    if config.finetune.freeze != "none":
+        trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in raw_model.parameters())
+        run.log.say(
+            f"finetune.freeze={config.finetune.freeze}: {trainable:,} of {total:,} parameters "
+            f"train (the head, the last {config.finetune.train_blocks} block(s), the final norm)",
+            run.progress.step,
+        )
     return run
 
 
@@ -283,10 +298,11 @@ def end_macro_batch(run: Run, train_event: dict, finished: bool) -> None:
     run.log.say(f"{summary} | train_loss {train_event['train_loss']:.4f} | {rate}", progress.step)
     val_loss = event["val_loss"]
     run.stop_reason = run.early_stopping.update(val_loss)
+    scores = {k: v for k, v in event.items() if k in checkpoints.SCORES}
     saved = on_main_process(
         accelerator,
         lambda: run.rotator.save(
-            run.raw_model, run.tokenizer, run.data_info, progress.step, val_loss
+            run.raw_model, run.tokenizer, run.data_info, progress.step, scores
         ),
     )
     if saved:

@@ -51,6 +51,7 @@ BREAKING_KEYS = (
     "batch_size",
     "grad_accum.",
     "mixed_precision",
+    "finetune.",
 )
 
 

@@ -14,6 +14,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers
 from gptlab.errors import UserError
 
 SPECIAL_TOKENS = ("<|endoftext|>",)
+END_OF_TEXT, PAD, UNKNOWN = "<|endoftext|>", "<|pad|>", "<|unk|>"
 
 
 class Tokenizer:
@@ -21,12 +22,17 @@ class Tokenizer:
         self.backend = backend
 
     @classmethod
-    def from_chars(cls, chars: str) -> "Tokenizer":
-        """A character vocabulary: token id i is the i-th character of sorted(set(chars))."""
+    def from_chars(cls, chars: str, special_tokens: tuple[str, ...] = ()) -> "Tokenizer":
+        """A character vocabulary: token id i is the i-th character of sorted(set(chars)), then
+        the special tokens. With UNKNOWN among them, a character outside the vocabulary reads as
+        UNKNOWN; without, text with such a character is refused."""
         vocab = {c: i for i, c in enumerate(sorted(set(chars)))}
-        backend = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=None))
+        vocab.update({token: len(vocab) + i for i, token in enumerate(special_tokens)})
+        unknown = UNKNOWN if UNKNOWN in special_tokens else None
+        backend = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=unknown))
         backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
         backend.decoder = decoders.Fuse()
+        backend.add_special_tokens(list(special_tokens))
         return cls(backend)
 
     @classmethod
@@ -67,10 +73,18 @@ class Tokenizer:
 
     @property
     def eos_token_id(self) -> int | None:
-        return self.backend.token_to_id("<|endoftext|>")
+        return self.backend.token_to_id(END_OF_TEXT)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.backend.token_to_id(PAD)
+
+    @property
+    def unknown_token_id(self) -> int | None:
+        return self.backend.token_to_id(UNKNOWN)
 
     def encode(self, text: str) -> list[int]:
-        if self.is_char_level:
+        if self.is_char_level and self.unknown_token_id is None:
             vocab = self.backend.get_vocab()
             unknown = sorted({c for c in text if c not in vocab})
             if unknown:
@@ -93,5 +107,8 @@ class Tokenizer:
             "model_max_length": 1_000_000_000,
         }
         if self.eos_token_id is not None:
-            settings.update(eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+            settings.update(eos_token=END_OF_TEXT, bos_token=END_OF_TEXT)
+        for name, token in (("pad_token", PAD), ("unk_token", UNKNOWN)):
+            if self.backend.token_to_id(token) is not None:
+                settings[name] = token
         (directory / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")

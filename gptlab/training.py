@@ -113,25 +113,63 @@ def build_model(
 ) -> torch.nn.Module:
     """A fresh model for the data set, or the weights of config.init_from. Fine-tuning sets
     config.model to the checkpoint's, with the command line's model.* overrides
-    (`model_overrides`, names without the prefix) that fine-tuning allows."""
+    (`model_overrides`, names without the prefix) that fine-tuning allows. A classification
+    data set gets a classifier (its labels and pad token); finetune.freeze is applied here."""
+    labels = meta["labels"] if meta["format"] == "classify" else []
+    pad = meta["pad_token_id"] if labels else -1
+    if config.model.labels and config.model.labels != labels:
+        raise UserError(
+            f"model.labels {config.model.labels} differs from the data set's {labels}; drop "
+            "model.labels, the data set sets it"
+        )
     if config.init_from:
         start = checkpoints.load_checkpoint(config.init_from)
         if start.tokenizer.backend.get_vocab() != tokenizer.backend.get_vocab():
             raise UserError(
                 f"init_from {config.init_from} has a different tokenizer than data set "
-                f"{config.data.path}; prepare the data with the checkpoint's tokenizer"
+                f"{config.data.path}; prepare the data with the checkpoint's tokenizer "
+                "(prepare_data.py ... --tokenizer CHECKPOINT)"
             )
         model = checkpoints.adapt_for_finetuning(start.model, model_overrides, config.init_from)
+        model = fit_head(model, labels, pad, config.init_from).train()
         config.model = model.config
-        return model.train()
-    if config.model.vocab_size == 0:
-        config.model.vocab_size = meta["vocab_size"]
-    if config.model.vocab_size < meta["vocab_size"]:
+    else:
+        if config.model.vocab_size == 0:
+            config.model.vocab_size = meta["vocab_size"]
+        if config.model.vocab_size < meta["vocab_size"]:
+            raise UserError(
+                f"model.vocab_size {config.model.vocab_size} is below the data set's vocabulary "
+                f"{meta['vocab_size']}; set it to 0 to take the data set's"
+            )
+        config.model.labels, config.model.pad_token_id = list(labels), pad
+        model = models.build_model(config.model)
+    if config.finetune.freeze == "backbone":
+        if config.finetune.train_blocks > config.model.n_layer:
+            raise UserError(
+                f"finetune.train_blocks {config.finetune.train_blocks} exceeds the model's "
+                f"{config.model.n_layer} blocks; use at most {config.model.n_layer}"
+            )
+        models.freeze_backbone(model, config.finetune.train_blocks)
+    return model
+
+
+def fit_head(model: torch.nn.Module, labels: list[str], pad: int, source: str) -> torch.nn.Module:
+    """The starting model with the head the data needs: a language model gets a new
+    classification head for classification data; a classifier continues only on its labels."""
+    have = model.config.labels
+    if not labels and have:
         raise UserError(
-            f"model.vocab_size {config.model.vocab_size} is below the data set's vocabulary "
-            f"{meta['vocab_size']}; set it to 0 to take the data set's"
+            f"init_from {source} is a classifier ({have}); train it on a classification data set, "
+            "or start a language model from a language-model checkpoint"
         )
-    return models.build_model(config.model)
+    if not labels or (have == labels and model.config.pad_token_id == pad):
+        return model
+    if have:
+        raise UserError(
+            f"init_from {source} classifies into {have}, but the data set's labels are {labels}; "
+            "start from the language model it was made from, or prepare data with its labels"
+        )
+    return models.with_classification_head(model, labels, pad)
 
 
 def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:

@@ -1,6 +1,6 @@
 """The model's hyperparameters: one dataclass shared by every architecture."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -31,6 +31,14 @@ class ModelConfig:
     """Llama: base of the rotary position embedding frequencies."""
     norm_eps: float = 1e-5
     """Epsilon of LayerNorm / RMSNorm."""
+    labels: list[str] = field(default_factory=list)
+    """Classifiers: the class names, by class id, scored by a head on the last real token (empty: a language model). Classification data sets set it."""
+    pad_token_id: int = -1
+    """Classifiers: the padding token, which the pooled position comes before (-1: none). Classification data sets set it."""
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
 
     @property
     def head_dim(self) -> int:
@@ -64,4 +72,12 @@ class ModelConfig:
             found.append(f"model.dropout ({self.dropout}) must be in [0, 1)")
         if self.vocab_size < 0 or self.mlp_hidden < 0:
             found.append("model.vocab_size and model.mlp_hidden must not be negative")
+        if self.num_labels == 1 or len(set(self.labels)) < self.num_labels:
+            found.append(f"model.labels {self.labels} must be 2 or more different names (or none)")
+        if (self.num_labels and self.pad_token_id < 0) or (
+            self.vocab_size and self.pad_token_id >= self.vocab_size
+        ):
+            found.append(
+                f"model.pad_token_id ({self.pad_token_id}) must be a token id of the vocabulary"
+            )
         return found

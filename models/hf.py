@@ -2,9 +2,11 @@
 
     GPT   <->  GPT2LMHeadModel   (model_type "gpt2")
     Llama <->  LlamaForCausalLM  (model_type "llama")
+    classifiers (model.labels)  <->  GPT2ForSequenceClassification, LlamaForSequenceClassification
 
 Checkpoints are saved under transformers' names with a transformers config.json, so
-`AutoModelForCausalLM.from_pretrained(checkpoint_dir)` loads them; any GPT-2 or Llama model
+`AutoModelForCausalLM.from_pretrained(checkpoint_dir)` loads them (a classifier:
+`AutoModelForSequenceClassification`, with its labels and pad token); any GPT-2 or Llama model
 directory loads into our models the other way. Anything the mapping cannot represent exactly is
 refused with a UserError rather than loaded in part.
 """
@@ -69,11 +71,15 @@ LLAMA_NAMES = {
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
 SUPPORTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+CLASSIFIERS = {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification"}
 
 
 def name_pairs(config: ModelConfig) -> list[tuple[str, str | tuple[str, ...]]]:
     """(our name, transformers' name or names) for every parameter of a model of this config."""
     table = GPT2_NAMES if config.arch == "gpt" else LLAMA_NAMES
+    if config.num_labels:  # a classifier's head replaces the language-model head
+        table = {k: v for k, v in table.items() if k != "lm_head.weight"}
+        table["score.weight"] = "score.weight"
     pairs = []
     for ours, theirs in table.items():
         layers = range(config.n_layer) if "{i}" in ours else [None]
@@ -155,14 +161,19 @@ def from_hf_state(hf: dict[str, Tensor], config: ModelConfig, source: str) -> di
 
 def to_hf_config(config: ModelConfig, eos_token_id: int | None) -> dict:
     """transformers' config.json fields of a model of this config."""
+    model_type = "gpt2" if config.arch == "gpt" else "llama"
     common = {
-        "architectures": [SUPPORTED["gpt2" if config.arch == "gpt" else "llama"]],
+        "architectures": [(CLASSIFIERS if config.num_labels else SUPPORTED)[model_type]],
         "vocab_size": config.vocab_size,
         "tie_word_embeddings": config.tie_embeddings,
         "bos_token_id": eos_token_id,
         "eos_token_id": eos_token_id,
         "dtype": "float32",
     }
+    if config.num_labels:
+        common["id2label"] = dict(enumerate(config.labels))
+        common["label2id"] = {name: i for i, name in enumerate(config.labels)}
+        common["pad_token_id"] = config.pad_token_id
     if config.arch == "gpt":
         return {
             "model_type": "gpt2",
@@ -258,9 +269,19 @@ def from_hf_config(hf: dict, source: str) -> ModelConfig:
             rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
             norm_eps=hf.get("rms_norm_eps", 1e-6),
         )
+    if (hf.get("architectures") or [""])[0] == CLASSIFIERS[model_type]:
+        if hf.get("pad_token_id") is None:
+            _refuse(source, "a classifier without pad_token_id")
+        config.labels, config.pad_token_id = label_names(hf), hf["pad_token_id"]
     if config.problems():
         raise UserError(f"{source}: {config.problems()[0]}")
     return config
+
+
+def label_names(hf: dict) -> list[str]:
+    """A transformers classifier's class names, by class id (from config.json's id2label)."""
+    id2label = hf.get("id2label") or {}
+    return [id2label.get(str(i), id2label.get(i, f"LABEL_{i}")) for i in range(len(id2label))]
 
 
 def read_hf_weights(directory: Path) -> dict[str, Tensor]:

@@ -1,4 +1,5 @@
-"""The training loss, written once for every model: summed token cross-entropy over real targets."""
+"""The training losses, written once for every model: summed cross-entropy over real targets
+(tokens of a language model, examples of a classifier)."""
 
 from torch import Tensor
 from torch.nn import functional as F
@@ -17,3 +18,10 @@ def token_loss(logits: Tensor, targets: Tensor) -> Tensor:
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
+
+
+def label_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Summed cross-entropy (in fp32) of class logits (batch, num_labels) against labels (batch,).
+    Summed like token_loss: each example is one target, so the trainer's count of real targets
+    is the number of examples and every example weighs the same."""
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")

@@ -121,6 +121,7 @@ COMMANDS = {
     "text": "any UTF-8 text file as one token stream",
 }
 SCORES = {"loss": "mean token loss and perplexity (any data set)"}
+CHECKPOINT_METRIC = "val_loss"
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
