@@ -63,6 +63,11 @@ def start_tokens(tokenizer, prompt: str) -> list[int]:
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     checkpoint = load_checkpoint(args.checkpoint)
+    if checkpoint.model.config.labels:
+        raise UserError(
+            f"{args.checkpoint} is a classifier; it predicts labels, not text (score it with "
+            "evaluate.py --task classify); generate from a language model"
+        )
     device = pick_device(args.device)
     model = checkpoint.model.to(device)
     prompt = start_tokens(checkpoint.tokenizer, args.prompt)

@@ -372,3 +372,45 @@ def test_a_language_model_fine_tuned_with_a_frozen_backbone(reviews, tmp_path):
         if name.startswith("blocks.") or name in ("wte.weight", "wpe.weight"):
             assert torch.equal(weight, lm.state_dict()[name]), name
     assert not torch.equal(classifier.model.ln_f.weight, lm.ln_f.weight)
+
+
+@pytest.mark.slow
+def test_a_hugging_face_gpt2_fine_tuned_as_a_classifier(tmp_path):
+    """init_from a transformers GPT-2 directory, with the GPT-2 tokenizer: it pads with
+    <|endoftext|>, so pooling at an appended <|endoftext|> is refused with that tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50257, n_positions=32, n_embd=32, n_layer=1, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / "gpt2" / name).write_bytes((SHARED_DATA / "gpt2-tokenizer" / name).read_bytes())
+    words = ["good", "great", "fine", "bad", "awful", "poor"]
+    rows = [(f"the room was {words[i % 6]} {i}", int(i % 6 < 3)) for i in range(60)]
+    csv = write_csv(tmp_path / "en.csv", rows)
+    with pytest.raises(UserError, match="--pooling eot needs a pad token"):
+        prepare_classify(
+            str(csv), tmp_path / "eot", tokenizer_name=str(tmp_path / "gpt2"), pooling="eot"
+        )
+    data = prepare_classify(
+        str(csv), tmp_path / "data", tokenizer_name=str(tmp_path / "gpt2"), context=16
+    )
+    assert read_meta(data)["pad_token_id"] == 50256
+    run_script(
+        "train.py",
+        f"--data.dir={data}",
+        f"--init_from={tmp_path / 'gpt2'}",
+        "--batch_size=8",
+        "--max_steps=4",
+        "--macro_batch_steps=2",
+        "--out_dir=run",
+        cwd=tmp_path,
+    )
+    theirs = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "best").eval()
+    assert type(theirs).__name__ == "GPT2ForSequenceClassification"
+    assert theirs.config.pad_token_id == 50256 and theirs.config.id2label == {0: "0", 1: "1"}
+    split = open_split(data, read_meta(data), "test", 16, seed=0)
+    inputs, _ = split.fetch(np.arange(split.num_samples))
+    with torch.no_grad():
+        ours = load_checkpoint(tmp_path / "run").model(inputs)
+        assert (theirs(inputs).logits - ours).abs().max().item() <= 1e-4
