@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from gptlab import storage
 from gptlab.cli import fraction, non_negative_int, positive_int
-from gptlab.data import token_dtype, write_data_set
+from gptlab.data import is_data_set, token_dtype, write_data_set
 from gptlab.errors import UserError
 from gptlab.tokenizer import END_OF_TEXT, PAD, UNKNOWN, Tokenizer
 
@@ -274,11 +275,12 @@ def prepare_classify(
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise UserError("--val_fraction and --test_fraction must be positive and sum below 1")
     reads_from = [Path(source)] if Path(source).exists() else []
-    for directory in [out_dir] if lm_dir is None else [out_dir, lm_dir]:  # before any work
-        if (Path(directory) / "meta.json").is_file() and not overwrite:
-            raise UserError(f"data set {directory} already exists; pass --overwrite to replace it")
     if lm_dir is not None and Path(lm_dir).resolve() == Path(out_dir).resolve():
         raise UserError("--lm_dir must differ from the classification data set's directory")
+    for directory in [out_dir] if lm_dir is None else [out_dir, lm_dir]:  # before any work
+        storage.check_output_dir(Path(directory), "data set", is_data_set, reads_from)
+        if is_data_set(directory) and not overwrite:
+            raise UserError(f"data set {directory} already exists; pass --overwrite to replace it")
 
     texts, labels = read_labelled(source, text_column, label_column, hf_split)
     examples = clean(texts, labels, source)
