@@ -244,6 +244,36 @@ def test_transformers_loads_our_classifier_and_gives_the_same_logits(arch, tmp_p
         assert torch.equal(load_checkpoint(tmp_path / arch).model(batch), ours)
 
 
+def test_each_example_weighs_the_same_whatever_micro_batch_or_padding_it_has(reviews):
+    """The step's loss is the mean over its examples: one micro-batch of 6 and three of 2 (each
+    cut to its own longest text) give the same update."""
+    from accelerate import Accelerator
+
+    from gptlab.training import train_step
+
+    split = open_split(reviews, read_meta(reviews), "train", 64, seed=0)
+    lengths = split.column("lengths")
+    order = np.argsort(lengths)
+    indices = np.concatenate([order[:2], order[1000:1002], order[-2:]])  # short, mid, long
+    widths = [split.fetch(indices[i : i + 2])[0].size(1) for i in (0, 2, 4)]
+    assert widths[0] < widths[1] < widths[2] == 64
+    updated = []
+    for micro_batches in (
+        [split.fetch(indices)],
+        [split.fetch(indices[i : i + 2]) for i in (0, 2, 4)],
+    ):
+        torch.manual_seed(0)
+        config = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=2964)
+        model = with_classification_head(build_model(config), ["0", "1"], 2962)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        loss, targets, _ = train_step(model, optimizer, Accelerator(cpu=True), micro_batches, 0.0)
+        assert targets == 6
+        updated.append((loss.item(), [p.detach().clone() for p in model.parameters()]))
+    assert updated[0][0] == pytest.approx(updated[1][0], rel=1e-5)
+    for a, b in zip(updated[0][1], updated[1][1]):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_a_label_the_classifier_never_saw_is_refused_at_evaluation():
     meta = {"format": "classify", "labels": ["neg", "neu", "pos", "mixed"]}
     with pytest.raises(UserError, match=r"label\(s\) \['mixed'\] that the classifier was not"):
