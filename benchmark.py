@@ -2,6 +2,11 @@
 
     python benchmark.py --config configs/shakespeare_cpu.json [--steps 40] [--rounds 9] [--key=value ...]
     python benchmark.py --config configs/shakespeare_cpu.json --generate 512 --model.block_size=528
+    python benchmark.py --prepare corpus.jsonl --tokenizer ../shared/data/gpt2-tokenizer --nanogpt
+
+With --prepare CORPUS it measures data preparation instead: `prepare_data.py text` on a .jsonl
+corpus with the tokenizer of --tokenizer, in tokens/s and peak resident memory, and with
+--nanogpt also nanoGPT's way on the same file (tiktoken through datasets.map; needs tiktoken).
 
 With --generate N it measures sampling instead: greedy generation of N tokens after a 16-token
 prompt, batch 1, with the key-value cache and without it (every step reruns the whole context).
@@ -26,18 +31,18 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.nn import functional as F
 
-from gptlab.cli import ArgumentParser, positive_int
+from gptlab import preparation_speed
+from gptlab.cli import ArgumentParser, check_output_file, positive_int
 from gptlab.config import load_config
-from gptlab.data import EpochSampler, open_split
 from gptlab.errors import UserError, run_cli
 from gptlab.scheduler import RunSchedules
-from gptlab.tokenizer import Tokenizer
 from gptlab.training import (
     apply_settings,
     build_model,
+    data_vocabulary,
     fetch_micro_batches,
     mixed_precision_mode,
-    open_data,
+    open_training_data,
     train_step,
 )
 from models import count_parameters, generate, optimizer_groups
@@ -67,6 +72,15 @@ def generation_speed(model: torch.nn.Module, new_tokens: int, device: torch.devi
     }
 
 
+def write_figures(output: str | None, result: dict) -> None:
+    if not output:
+        return
+    try:
+        Path(output).write_text(json.dumps(result, indent=2) + "\n")
+    except OSError as error:
+        raise UserError(f"could not write --output {output} ({error.strerror})") from None
+
+
 def main(argv: list[str]) -> None:
     parser = ArgumentParser(prog="benchmark.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=positive_int, default=40, help="optimizer steps per round")
@@ -75,9 +89,18 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--generate", type=positive_int, help="time generating N tokens instead of training"
     )
+    parser.add_argument("--prepare", help="time preparing this .jsonl corpus instead of training")
+    parser.add_argument("--tokenizer", help="--prepare: a GPT-2 tokenizer directory")
+    parser.add_argument("--nanogpt", action="store_true", help="--prepare: nanoGPT's way too")
     args, config_args = parser.parse_known_args(argv)
-    if args.output and not Path(args.output).resolve().parent.is_dir():
-        raise UserError(f"--output {args.output}: its directory does not exist; create it first")
+    check_output_file(args.output)
+    if args.prepare:
+        if not args.tokenizer or config_args:
+            raise UserError("--prepare takes --tokenizer DIR (and --nanogpt, --output) only")
+        corpus, repo = Path(args.prepare), Path(__file__).resolve().parent
+        results = preparation_speed.compare(corpus, Path(args.tokenizer), args.nanogpt, repo)
+        preparation_speed.report(corpus, results, args.output)
+        return
     config, name, overrides = load_config(config_args)
     if args.generate and config.model.block_size < PROMPT_TOKENS + args.generate:
         raise UserError(
@@ -89,9 +112,9 @@ def main(argv: list[str]) -> None:
         dynamo_backend="inductor" if config.compile else "no",
     )
     set_seed(config.seed)
-    meta = open_data(config, accelerator)
+    meta, tokenizer = data_vocabulary(config, accelerator)
     model_overrides = {k[6:]: v for k, v in overrides.items() if k.startswith("model.")}
-    model = build_model(config, meta, Tokenizer.load(config.data.path), model_overrides)
+    model = build_model(config, meta, tokenizer, model_overrides)
     if args.generate:
         result = {"config": name, "device": str(accelerator.device), "new_tokens": args.generate}
         result.update(
@@ -103,12 +126,11 @@ def main(argv: list[str]) -> None:
             f"{result['no_cache_tokens_per_sec']:,.0f} tok/s ({result['speedup']:.1f}x), "
             f"same tokens: {result['same_tokens']}"
         )
-        if args.output:
-            Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        write_figures(args.output, result)
         return
     bare_model = copy.deepcopy(model).to(accelerator.device)
-    split = open_split(config.data.path, meta, "train", config.model.block_size, config.seed)
-    sampler = EpochSampler(split.num_samples, config.seed)
+    data = open_training_data(config, accelerator)
+    split, sampler = data.train_split, data.sampler
     accum = round(config.grad_accum.peak)
     step_samples = config.batch_size * accum * accelerator.num_processes
     step_tokens = step_samples * split.fetch([0])[0].size(1)
@@ -193,9 +215,7 @@ def main(argv: list[str]) -> None:
         f"train.py {result['train_py_tokens_per_sec']:,.0f} tok/s, bare PyTorch "
         f"{result['bare_tokens_per_sec']:,.0f} tok/s, overhead {result['overhead_percent']:+.1f}%"
     )
-    if args.output:
-        with open(args.output, "w") as file:
-            json.dump(result, file, indent=2)
+    write_figures(args.output, result)
 
 
 if __name__ == "__main__":

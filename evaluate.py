@@ -5,8 +5,8 @@
     accelerate launch evaluate.py ...      # the split is shared out over the processes
 
 Tasks: `adder` and `multiplier` score exact match of the whole answer number under greedy
-decoding (a non-digit token makes the answer wrong); `loss` gives the mean token loss and
-perplexity. The data set is the one the checkpoint was trained on unless --data_dir says otherwise.
+decoding (a non-digit token makes the answer wrong); `loss` gives the mean token loss,
+perplexity and bits per UTF-8 byte of text (text data sets). The data set is the one the checkpoint was trained on unless --data_dir says otherwise.
 """
 
 import argparse
@@ -17,10 +17,9 @@ from accelerate import Accelerator
 
 from gptlab import tasks
 from gptlab.checkpoints import load_checkpoint
-from gptlab.cli import ArgumentParser, non_negative_int, positive_int
-from gptlab.data import fixed_subset, open_split, read_meta
+from gptlab.cli import ArgumentParser, check_output_file, non_negative_int, positive_int
+from gptlab.data import fixed_subset, load_tokenizer, open_split, read_meta
 from gptlab.errors import UserError, run_cli
-from gptlab.tokenizer import Tokenizer
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -44,8 +43,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--output", help="write the metrics as JSON to this file")
     args = parser.parse_args(argv)
     tasks.for_score(args.task)  # an unknown task is refused before anything is loaded
-    if args.output and not Path(args.output).resolve().parent.is_dir():
-        raise UserError(f"--output {args.output}: its directory does not exist; create it first")
+    check_output_file(args.output)
     return args
 
 
@@ -54,12 +52,19 @@ def main(argv: list[str]) -> None:
     accelerator = Accelerator()
     checkpoint = load_checkpoint(args.checkpoint)
     if not (args.data_dir or checkpoint.data_info.get("dir")):
+        sources = [source["dir"] for source in checkpoint.data_info.get("mixture", [])]
         raise UserError(
-            f"{args.checkpoint} does not say what data it was trained on; pass --data_dir"
+            f"{args.checkpoint} was trained on a mixture of {', '.join(sources)}; pass one of "
+            "them as --data_dir"
+            if sources
+            else f"{args.checkpoint} does not say what data it was trained on; pass --data_dir"
         )
     data_dir = Path(args.data_dir or checkpoint.data_info["dir"])
     meta = read_meta(data_dir)
-    if Tokenizer.load(data_dir).backend.get_vocab() != checkpoint.tokenizer.backend.get_vocab():
+    if (
+        load_tokenizer(data_dir, meta).backend.get_vocab()
+        != checkpoint.tokenizer.backend.get_vocab()
+    ):
         raise UserError(
             f"data set {data_dir} was tokenized with another vocabulary than {args.checkpoint}; "
             "prepare the data with the checkpoint's tokenizer"

@@ -13,13 +13,24 @@ import argparse
 import torch
 
 from gptlab.checkpoints import load_checkpoint
+from gptlab.cli import (
+    ArgumentParser,
+    device,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    probability,
+    random_seed,
+)
 from gptlab.errors import UserError, run_cli
 from models import generate
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    parser = ArgumentParser(
+        prog="generate.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawTextHelpFormatter,
     )
     parser.add_argument(
         "--checkpoint",
@@ -27,26 +38,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="checkpoint or run directory, or a Hugging Face GPT-2/Llama directory or hub name",
     )
     parser.add_argument("--prompt", default="", help="text to continue (default: start fresh)")
-    parser.add_argument("--num_samples", type=int, default=1, help="samples to draw")
-    parser.add_argument("--max_new_tokens", type=int, default=200, help="tokens per sample")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
-    parser.add_argument("--top_k", type=int, default=0, help="keep the k likeliest tokens; 0: all")
-    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass; 1: off")
-    parser.add_argument("--seed", type=int, default=1337, help="random seed of the sampling")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps, ...")
+    parser.add_argument("--num_samples", type=positive_int, default=1, help="samples to draw")
+    parser.add_argument(
+        "--max_new_tokens", type=non_negative_int, default=200, help="tokens per sample"
+    )
+    parser.add_argument(
+        "--temperature", type=non_negative_float, default=0.8, help="0 means greedy"
+    )
+    parser.add_argument(
+        "--top_k", type=non_negative_int, default=0, help="keep the k likeliest tokens; 0: all"
+    )
+    parser.add_argument(
+        "--top_p", type=probability, default=1.0, help="nucleus sampling mass in (0, 1]; 1: off"
+    )
+    parser.add_argument(
+        "--seed", type=random_seed, default=1337, help="random seed of the sampling"
+    )
+    parser.add_argument(
+        "--device", type=device, default="auto", help="auto, cpu, cuda, cuda:1, mps, ..."
+    )
     parser.add_argument("--no_cache", action="store_true", help="recompute without a KV cache")
-    args = parser.parse_args(argv)
-    if args.num_samples < 1 or args.max_new_tokens < 0:
-        raise UserError("--num_samples must be at least 1 and --max_new_tokens at least 0")
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        raise UserError("--temperature must be >= 0, --top_k >= 0 and --top_p in (0, 1]")
-    return args
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return parser.parse_args(argv)
 
 
 def start_tokens(tokenizer, prompt: str) -> list[int]:
@@ -68,7 +80,7 @@ def main(argv: list[str]) -> None:
             f"{args.checkpoint} is a classifier; it predicts labels, not text (score it with "
             "evaluate.py --task classify); generate from a language model"
         )
-    device = pick_device(args.device)
+    device = args.device
     model = checkpoint.model.to(device)
     prompt = start_tokens(checkpoint.tokenizer, args.prompt)
     generator = torch.Generator(device=device).manual_seed(args.seed)

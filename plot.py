@@ -10,6 +10,7 @@ the run's median MFU in the legend where it was logged) and gradient norm before
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -19,15 +20,47 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
+from gptlab.cli import ArgumentParser, check_output_file  # noqa: E402
 from gptlab.errors import UserError, run_cli  # noqa: E402
 
 
 def read_run(path: Path) -> list[dict]:
-    """The events of a run directory (or of a metrics.jsonl file itself)."""
+    """The events of a run directory (or of a metrics.jsonl file itself).
+
+    A run that is being written may end in a half-written line: it is skipped with a warning.
+    Any other line that is not an event is refused, naming the line.
+    """
     metrics = path / "metrics.jsonl" if path.is_dir() else path
     if not metrics.is_file():
         raise UserError(f"no metrics.jsonl in {path}; pass run directories written by train.py")
-    events = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    try:
+        lines = metrics.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"{metrics} is not UTF-8 text (byte {error.start}): it is not a metrics.jsonl "
+            "written by train.py"
+        ) from None
+    events = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            if number == len(lines):
+                print(
+                    f"warning: skipping the unfinished last line of {metrics} "
+                    "(a run still writing it?)",
+                    file=sys.stderr,
+                )
+                continue
+            event = None
+        if not isinstance(event, dict) or not isinstance(event.get("tokens", 0), (int, float)):
+            raise UserError(
+                f"{metrics} line {number} is not an event of train.py: {line[:60]!r}; "
+                "pass the metrics.jsonl of a run"
+            )
+        events.append(event)
     if not any("train_loss" in event for event in events):
         raise UserError(
             f"{metrics} has no training events yet; plot it once a few steps are logged"
@@ -86,8 +119,10 @@ def plot_runs(runs: dict[str, list[dict]], output: Path, title: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    parser = ArgumentParser(
+        prog="plot.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawTextHelpFormatter,
     )
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (or metrics.jsonl)")
     parser.add_argument("--output", type=Path, default=Path("runs.png"), help="PNG to write")
@@ -95,9 +130,13 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.output.suffix.lower() != ".png":
         raise UserError(f"--output {args.output} must end in .png")
+    check_output_file(args.output)
     labels = run_labels(args.runs)
     runs = {label: read_run(path) for label, path in zip(labels, args.runs)}
-    plot_runs(runs, args.output, args.title or " vs ".join(labels))
+    try:
+        plot_runs(runs, args.output, args.title or " vs ".join(labels))
+    except OSError as error:
+        raise UserError(f"could not write {args.output} ({error.strerror})") from None
     print(f"wrote {args.output}")
 
 

@@ -22,24 +22,24 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from gptlab import checkpoints, errors, snapshots, tasks, tracking
+from gptlab import checkpoints, errors, snapshots, tracking
 from gptlab.config import Config, help_text, load_config
-from gptlab.data import EpochSampler, Split, fixed_subset, open_split
 from gptlab.errors import UserError, run_cli
 from gptlab.evaluation import Evaluator
 from gptlab.mfu import Throughput
 from gptlab.scheduler import EarlyStopping, RunSchedules
-from gptlab.tokenizer import Tokenizer
 from gptlab.training import (
     LogWindow,
     Progress,
+    TrainingData,
     apply_settings,
     build_model,
+    data_vocabulary,
     fetch_micro_batches,
     make_optimizer,
     mixed_precision_mode,
     on_main_process,
-    open_data,
+    open_training_data,
     train_step,
 )
 from models import count_parameters
@@ -65,13 +65,16 @@ def main(argv: list[str]) -> None:
         unit_scale=True,
         disable=not accelerator.is_main_process or not sys.stderr.isatty(),
     )
+    # On Ctrl-C the bar is closed first, so the line saying how to continue gets a line of its own.
+    rerun_hint = errors.interrupt_hint
+    errors.interrupt_hint = lambda: bar.close() or rerun_hint()
     while progress.tokens < run.total_tokens and run.stop_reason is None:
         # One optimizer step: the schedules' settings, this process's micro-batches, the update.
         settings = run.schedules.at(progress.tokens)
         apply_settings(run.optimizer, settings)
         micro_batches = fetch_micro_batches(
-            run.sampler,
-            run.train_split,
+            run.data.sampler,
+            run.data.train_split,
             progress.samples,
             settings.grad_accum,
             config.batch_size,
@@ -111,7 +114,8 @@ def main(argv: list[str]) -> None:
                 "grad_accum": settings.grad_accum,
                 "batch_tokens": step_tokens,
                 "grad_norm": grad_norm.item(),
-                "epochs": progress.samples / run.train_split.num_samples,
+                "epochs": progress.samples / run.data.train_split.num_samples,
+                **run.data.consumed(progress.samples),  # tokens/<source> of a mixture
                 **run.throughput.figures(window.tokens, window.steps, window.seconds()),
             }
             run.log.write(event)
@@ -155,9 +159,7 @@ class Run:
     eval_model: torch.nn.Module
     """The plain model, compiled when the run compiles: evaluation needs no DDP."""
     optimizer: torch.optim.Optimizer
-    tokenizer: Tokenizer
-    train_split: Split
-    sampler: EpochSampler
+    data: TrainingData
     schedules: RunSchedules
     total_tokens: int
     micro_tokens: int
@@ -166,7 +168,6 @@ class Run:
     early_stopping: EarlyStopping
     rotator: checkpoints.CheckpointRotator
     snapshots: snapshots.Snapshots
-    data_info: dict
     log: tracking.RunLog
     throughput: Throughput
     progress: Progress
@@ -181,12 +182,10 @@ def start_run(config: Config, overrides: dict, accelerator: Accelerator) -> Run:
 
     # Every process builds the same initial weights from the same seed.
     set_seed(config.seed)
-    meta = open_data(config, accelerator)
-    tokenizer = Tokenizer.load(config.data.path)
     model_overrides = {k[6:]: v for k, v in overrides.items() if k.startswith("model.")}
+    meta, tokenizer = data_vocabulary(config, accelerator)
     raw_model = build_model(config, meta, tokenizer, model_overrides)
-    train_split = open_split(config.data.path, meta, "train", config.model.block_size, config.seed)
-    val_split = open_split(config.data.path, meta, "val", config.model.block_size, config.seed)
+    data = open_training_data(config, accelerator)  # after fine-tuning set model.block_size
     # Dropout masks differ between processes (a resume restores each process's own RNG state).
     set_seed(config.seed, device_specific=True)
 
@@ -196,24 +195,9 @@ def start_run(config: Config, overrides: dict, accelerator: Accelerator) -> Run:
     eval_model = torch.compile(raw_model) if config.compile else raw_model
 
     # The schedules run on tokens; a length in steps converts exactly since the batch is fixed then.
-    # (A classifier's sample counts as its whole row of example_length, padding included.)
-    sample_length = train_split.sample_length
-    micro_tokens = config.batch_size * sample_length * accelerator.num_processes
+    micro_tokens = config.batch_size * data.sample_length * accelerator.num_processes
     peak_accum = round(config.grad_accum.peak)
     total_tokens = config.max_tokens or config.max_steps * micro_tokens * peak_accum
-    data_module = tasks.for_data_set(meta)
-    evaluate = Evaluator(
-        val_split,
-        fixed_subset(val_split.num_samples, config.data.eval_samples),
-        config.batch_size,
-        data_module.val_metrics(meta, tokenizer, val_split, config.data.exact_match_samples),
-    )
-    data_info = {
-        k: v
-        for k, v in meta.items()
-        if k in ("format", "example_length", "task", "labels", "pooling", "keep")
-    }
-    data_info["dir"] = str(config.data.path)
     run = Run(
         config=config,
         accelerator=accelerator,
@@ -221,21 +205,16 @@ def start_run(config: Config, overrides: dict, accelerator: Accelerator) -> Run:
         raw_model=raw_model,
         eval_model=eval_model,
         optimizer=optimizer,
-        tokenizer=tokenizer,
-        train_split=train_split,
-        sampler=EpochSampler(train_split.num_samples, config.seed),
+        data=data,
         schedules=RunSchedules(config.lr, config.weight_decay, config.grad_accum, total_tokens),
         total_tokens=total_tokens,
         micro_tokens=micro_tokens,
-        evaluate=evaluate,
+        evaluate=Evaluator(data.val_sets, config.batch_size, data.task_metrics),
         early_stopping=EarlyStopping(config.early_stop),
-        rotator=checkpoints.CheckpointRotator(
-            out_dir, config.keep_best, data_module.CHECKPOINT_METRIC
-        ),
+        rotator=checkpoints.CheckpointRotator(out_dir, config.keep_best, data.checkpoint_metric),
         snapshots=snapshots.Snapshots(accelerator, out_dir, config, raw_model),
-        data_info=data_info,
         log=tracking.RunLog(accelerator, out_dir),
-        throughput=Throughput.of_run(raw_model, sample_length, accelerator),
+        throughput=Throughput.of_run(raw_model, data.sample_length, accelerator),
         progress=Progress(),
         stop_reason=None,
     )
@@ -302,7 +281,7 @@ def end_macro_batch(run: Run, train_event: dict, finished: bool) -> None:
     saved = on_main_process(
         accelerator,
         lambda: run.rotator.save(
-            run.raw_model, run.tokenizer, run.data_info, progress.step, scores
+            run.raw_model, run.data.tokenizer, run.data.info, progress.step, scores
         ),
     )
     if saved:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from gptlab import storage
@@ -105,12 +105,20 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     directory = resolve_checkpoint_dir(path)
     if not (directory / "config.json").is_file():
         raise UserError(f"{directory} has no config.json: it is not a model directory")
-    hf_config = json.loads((directory / "config.json").read_text())
+    try:
+        hf_config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        if not isinstance(hf_config, dict):
+            raise ValueError("not an object")
+    except ValueError as error:  # UnicodeDecodeError and JSONDecodeError included
+        raise UserError(
+            f"{directory / 'config.json'} is corrupt ({str(error).splitlines()[0]}); "
+            "use another checkpoint or restore the file"
+        ) from None
     ours = "gptlab" in hf_config
     if ours:  # written by save_checkpoint: our exact config, checksums to verify
         storage.verify_manifest(directory)
         model_config = ModelConfig(**hf_config["gptlab"])
-        state = load_file(directory / MODEL_FILE, device="cpu")
+        state = hf.load_safetensors(directory / MODEL_FILE)
         info = {k: v for k, v in hf_config.items() if k in ("step", *SCORES)}
         data_info = json.loads((directory / "data.json").read_text())
     else:
@@ -119,7 +127,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         info = {"source": str(path)}
         data_info = {}
     model = build_model(model_config)
-    if "wte.weight" not in state:  # checkpoints written before the bridge hold our own names
+    # Our checkpoints written before the bridge hold our own names; everything else, transformers'
+    # (with or without their base-model prefix: the hub's gpt2 also has a `wte.weight`).
+    if not (ours and "wte.weight" in state):
         state = hf.from_hf_state(state, model_config, str(directory))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = model_config.tie_embeddings and not model_config.num_labels

@@ -10,15 +10,31 @@ import difflib
 import functools
 import inspect
 import json
+import math
 import textwrap
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
+from gptlab.cli import MAX_SEED
 from gptlab.errors import UserError
 from gptlab.scheduler import EarlyStopConfig, ScheduleConfig
 from models.config import ModelConfig
+
+
+@dataclass
+class MixtureSource:
+    dir: str = ""
+    """Directory of a prepared language-modelling data set."""
+    weight: float = 0.0
+    """Its share of the training samples (the weights are normalised to sum to 1)."""
+    name: str = ""
+    """Name in the logs (val_loss/<name>, tokens/<name>); empty means the directory's name."""
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.dir).name
 
 
 @dataclass
@@ -27,6 +43,8 @@ class DataConfig:
     """Data set: a built-in name (shakespeare_char, adder, multiplier) or any set made by prepare_data.py."""
     dir: str = ""
     """Directory with the prepared files; empty means data/<name>."""
+    mixture: list[MixtureSource] = field(default_factory=list)
+    """Train on several prepared sets sharing one tokenizer instead: [{"dir": ..., "weight": 0.8}, ...]."""
     eval_samples: int = 256
     """Size of the fixed val subset (windows or examples) scored at every evaluation."""
     exact_match_samples: int = 256
@@ -35,6 +53,24 @@ class DataConfig:
     @property
     def path(self) -> Path:
         return Path(self.dir or f"data/{self.name}")
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.eval_samples < 1:
+            found.append("data.eval_samples must be at least 1")
+        if self.exact_match_samples < 0:
+            found.append("data.exact_match_samples must be 0 (off) or more")
+        if self.mixture and (self.dir or self.name != DataConfig.name):
+            found.append("data.mixture replaces data.name and data.dir; leave those out")
+        for i, source in enumerate(self.mixture):
+            if not source.dir:
+                found.append(f"data.mixture[{i}] needs a dir: the prepared data set to read")
+            if not (math.isfinite(source.weight) and source.weight > 0):
+                found.append(f"data.mixture[{i}].weight is {source.weight}; give a positive share")
+        labels = [source.label for source in self.mixture]
+        for label in sorted({label for label in labels if labels.count(label) > 1}):
+            found.append(f"data.mixture names {label!r} twice; give the sources distinct names")
+        return found
 
 
 @dataclass
@@ -47,6 +83,20 @@ class OptimConfig:
     """AdamW epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 turns clipping off (the norm is still logged)."""
+
+    def problems(self) -> list[str]:
+        found = [
+            f"optim.{name} is {value}; it must be at least 0 and below 1"
+            for name, value in (("beta1", self.beta1), ("beta2", self.beta2))
+            if not 0.0 <= value < 1.0
+        ]
+        if not self.eps > 0.0:
+            found.append(f"optim.eps is {self.eps}; it must be positive (e.g. 1e-8)")
+        if not self.grad_clip >= 0.0:
+            found.append(
+                f"optim.grad_clip is {self.grad_clip}; use a positive norm, or 0 for no clipping"
+            )
+        return found
 
 
 @dataclass
@@ -140,6 +190,7 @@ class Config:
 
     def problems(self) -> list[str]:
         found = self.model.problems()
+        found += self.optim.problems()
         found += self.tracking.problems()
         found += self.finetune.problems()
         if self.finetune.freeze == "backbone" and not self.init_from:
@@ -147,15 +198,20 @@ class Config:
         found += self.lr.problems("lr")
         found += self.weight_decay.problems("weight_decay")
         found += self.grad_accum.problems("grad_accum", minimum=1)
+        for name in ("max_steps", "max_tokens"):
+            if getattr(self, name) < 0:
+                found.append(f"{name} is {getattr(self, name)}; it must not be negative")
         if (self.max_steps > 0) == (self.max_tokens > 0):
             found.append("set exactly one of max_steps and max_tokens to a positive number")
+        if not 0 <= self.seed <= MAX_SEED:
+            found.append(f"seed is {self.seed}; use a whole number from 0 to {MAX_SEED}")
         varying = {self.grad_accum.first, self.grad_accum.peak, self.grad_accum.last}
         if self.max_steps > 0 and len(varying) > 1:
             found.append("a grad_accum schedule needs the run length in tokens: set max_tokens")
         for name in ("batch_size", "macro_batch_steps", "log_interval"):
             if getattr(self, name) < 1:
                 found.append(f"{name} must be at least 1")
-        if self.early_stop.patience < 0 or self.early_stop.min_delta < 0:
+        if self.early_stop.patience < 0 or not self.early_stop.min_delta >= 0:
             found.append("early_stop.patience and early_stop.min_delta must not be negative")
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
             found.append(f"mixed_precision is {self.mixed_precision!r}; use auto, bf16, fp16 or no")
@@ -167,8 +223,7 @@ class Config:
             found.append(f"nonfinite_loss is {self.nonfinite_loss!r}; use stop or skip")
         if not self.resume:
             found.append("resume is empty; use auto, never or the path of a snapshot")
-        if self.data.eval_samples < 1:
-            found.append("data.eval_samples must be at least 1")
+        found += self.data.problems()
         return found
 
 
@@ -191,8 +246,12 @@ def _check_value(key: str, value, annotation):
         origin = typing.get_origin(annotation)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"config key '{key}' must be a finite number, got {value}")
     if origin is list:
         (item,) = typing.get_args(annotation)
+        if is_dataclass(item) and isinstance(value, list):  # a list of objects, each checked
+            return [build(item, v, f"{key}[{i}].") for i, v in enumerate(value)]
         if isinstance(value, list) and all(isinstance(v, item) for v in value):
             return value
     elif isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
@@ -227,7 +286,8 @@ def _all_keys(cls, prefix: str = "") -> list[str]:
 
 
 def _suggestion(prefix: str, key: str, cls) -> str:
-    candidates = _all_keys(Config)
+    # Inside a list item (data.mixture[0].) only the item's own keys can be meant.
+    candidates = [] if "[" in prefix else _all_keys(Config)
     close = difflib.get_close_matches(prefix + key, candidates, n=1, cutoff=0.6)
     if not close:
         close = difflib.get_close_matches(key, [f.name for f in fields(cls)], n=1, cutoff=0.5)
@@ -253,12 +313,17 @@ def _parse_cli_value(key: str, text: str, annotation):
             if text.lower() in ("false", "0", "no"):
                 return False
             raise ValueError
+        if base is int and "e" in text.lower():  # 1e6: a whole number, written as a float
+            number = float(text)
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
         if base in (int, float):
-            return base(float(text)) if base is int and "e" in text.lower() else base(text)
+            return base(text)
         if typing.get_origin(base) is list:
             return json.loads(text) if text.startswith("[") else [t for t in text.split(",") if t]
         return text
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: int("1e400") is int(inf)
         raise UserError(f"--{key}={text}: expected {_type_name(base)}") from None
 
 
@@ -326,9 +391,19 @@ def load_config(argv: list[str]) -> tuple[Config, str, dict]:
         if not path.is_file():
             raise UserError(f"config file {config_path} not found; see configs/ for examples")
         try:
-            values = json.loads(path.read_text())
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as error:
+            raise UserError(
+                f"config file {config_path} is not UTF-8 text (byte {error.start}: "
+                f"{error.reason}); save it as UTF-8"
+            ) from None
         except json.JSONDecodeError as error:
             raise UserError(f"config file {config_path} is not valid JSON: {error}") from None
+        if not isinstance(values, dict):
+            raise UserError(
+                f"config file {config_path} must hold a JSON object of keys, such as "
+                '{"max_steps": 100}; see configs/ for examples'
+            )
         name = path.stem
     overrides = parse_overrides(args)
     for key, value in overrides.items():

@@ -15,6 +15,7 @@ The memmap is opened anew for every batch, so reading never accumulates resident
 """
 
 import json
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,13 @@ def write_data_set(
         tokenizer.save(tmp_dir)
         (tmp_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
-    return storage.write_directory_atomically(out_dir, build)
+    try:
+        return storage.write_directory_atomically(out_dir, build)
+    except OSError as error:  # a full disk, a read-only one, no permission
+        raise UserError(
+            f"could not write data set {out_dir} ({error.strerror or error}); free some space "
+            "or fix the permissions, then rerun (nothing was changed)"
+        ) from None
 
 
 def read_meta(data_dir: Path) -> dict:
@@ -74,6 +81,7 @@ def read_meta(data_dir: Path) -> dict:
         fmt, dtype, vocab = meta["format"], meta["dtype"], meta["vocab_size"]
         valid = fmt in ("stream", "examples", "classify")
         valid = valid and dtype in DTYPES and isinstance(vocab, int)
+        valid = valid and isinstance(meta.get("splits", {}), dict)
         if fmt in ("examples", "classify"):
             valid = valid and isinstance(meta["example_length"], int) and meta["example_length"] > 1
         if fmt == "classify":
@@ -86,6 +94,28 @@ def read_meta(data_dir: Path) -> dict:
     if not valid:
         raise UserError(f"{meta_path} is corrupt; prepare the data set again with prepare_data.py")
     return meta
+
+
+def load_tokenizer(data_dir: Path, meta: dict) -> Tokenizer:
+    """The data set's tokenizer, checked against the vocabulary size meta.json records."""
+    tokenizer = Tokenizer.load(data_dir)
+    if tokenizer.vocab_size != meta["vocab_size"]:
+        raise UserError(
+            f"{Path(data_dir) / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but meta.json "
+            f"says vocab_size {meta['vocab_size']}; prepare the data set again with prepare_data.py"
+        )
+    return tokenizer
+
+
+def bits_per_byte(loss: float, meta: dict, split: str) -> float | None:
+    """A mean token loss (nats) on a split as bits per UTF-8 byte of its text: the loss times the
+    split's tokens per byte, over ln 2. It does not depend on the vocabulary, so character and
+    BPE models compare. None for data sets without byte counts (arithmetic, older text sets)."""
+    n_bytes = (meta.get("bytes") or {}).get(split)
+    n_tokens = (meta.get("splits") or {}).get(split)
+    if not n_bytes or not n_tokens:
+        return None
+    return loss * n_tokens / n_bytes / math.log(2)
 
 
 @dataclass
@@ -215,25 +245,33 @@ def token_count(path: Path, dtype: str, row_length: int) -> int:
 
 def open_split(data_dir: Path, meta: dict, split: str, block_size: int, seed: int) -> Split:
     path = Path(data_dir) / f"{split}.bin"
+    known = meta.get("splits", {})
+    if known and split not in known:
+        raise UserError(
+            f"data set {data_dir} has no split {split!r}; choose one of {', '.join(known)}"
+        )
     if not path.is_file():
         raise UserError(f"{path} is missing; prepare the data set again with prepare_data.py")
     if meta["format"] == "stream":
         split_data = StreamSplit(path, meta["dtype"], block_size, seed)
-        expected = meta.get("splits", {}).get(split)
-        if expected is not None and expected != split_data.n_tokens:
+        count, unit = split_data.n_tokens, "tokens"
+    else:
+        split_class = LabelledSplit if meta["format"] == "classify" else ExampleSplit
+        length = meta["example_length"] - (split_class is ExampleSplit)  # inputs, without targets
+        if length > block_size:
             raise UserError(
-                f"{path} holds {split_data.n_tokens} tokens but meta.json says {expected}; "
-                "prepare the data set again with prepare_data.py"
+                f"examples of {length} input tokens do not fit model.block_size {block_size}; set "
+                f"--model.block_size={length}, or prepare the data with a shorter context"
             )
-        return split_data
-    split_class = LabelledSplit if meta["format"] == "classify" else ExampleSplit
-    length = meta["example_length"] - (split_class is ExampleSplit)  # inputs, without targets
-    if length > block_size:
+        split_data = split_class(path, meta["dtype"], meta["example_length"])
+        count, unit = split_data.num_samples, "examples"
+    expected = known.get(split)
+    if expected is not None and expected != count:
         raise UserError(
-            f"examples of {length} input tokens do not fit model.block_size {block_size}; set "
-            f"--model.block_size={length}, or prepare the data with a shorter context"
+            f"{path} holds {count} {unit} but meta.json says {expected}; "
+            "prepare the data set again with prepare_data.py"
         )
-    return split_class(path, meta["dtype"], meta["example_length"])
+    return split_data
 
 
 class EpochSampler:

@@ -26,6 +26,11 @@ def run_cli(main: Callable[[list[str]], None]) -> None:
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        hint = interrupt_hint() if interrupt_hint else ""
+        try:
+            hint = interrupt_hint() if interrupt_hint else ""
+        except (Exception, KeyboardInterrupt):  # a second Ctrl-C, say: the line still comes
+            hint = ""
+        if sys.stderr.isatty():  # a line of its own, even if Ctrl-C came in the middle of one
+            print(file=sys.stderr)
         print(f"interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
         sys.exit(130)

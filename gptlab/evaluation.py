@@ -43,12 +43,26 @@ def evaluate_loss(
 
 
 @dataclass
-class Evaluator:
-    """What every macro-batch is scored on: the val loss of a fixed val subset, plus the data
-    set's own metrics (for example exact match for arithmetic, from its task module)."""
+class ValSet:
+    """A val split scored at every evaluation: a fixed subset of its samples."""
 
-    val_split: Split
-    val_indices: np.ndarray
+    split: Split
+    indices: np.ndarray
+    name: str = ""
+    """A mixture's source name (keys val_loss/<name>); empty for a run's only data set."""
+    weight: float = 1.0
+    """Its weight in the overall val loss (a mixture's normalised weights)."""
+    bpb_per_loss: float | None = None
+    """val_bpb / val_loss: the split's tokens per byte over ln 2 (None: no byte counts)."""
+
+
+@dataclass
+class Evaluator:
+    """What every macro-batch is scored on: the val loss (and bits per byte) of fixed val
+    subsets, plus the data set's own metrics (for example exact match for arithmetic, from its
+    task module). A mixture scores each source and weighs them into the overall val_loss."""
+
+    val_sets: list[ValSet]
     batch_size: int
     task_metrics: Callable[[torch.nn.Module, Accelerator], dict] | None = None
 
@@ -59,9 +73,20 @@ class Evaluator:
         collective forward); task metrics use the plain `raw_model` (decoding uses its KV cache).
         """
         event = {"step": step, "tokens": tokens}
-        event["val_loss"] = evaluate_loss(
-            model, self.val_split, self.val_indices, accelerator, self.batch_size
-        )
+        scores, losses, bpbs = {}, [], []
+        for val in self.val_sets:
+            loss = evaluate_loss(model, val.split, val.indices, accelerator, self.batch_size)
+            suffix = f"/{val.name}" if val.name else ""
+            scores[f"val_loss{suffix}"] = loss
+            losses.append(val.weight * loss)
+            if val.bpb_per_loss is not None:
+                scores[f"val_bpb{suffix}"] = loss * val.bpb_per_loss
+                bpbs.append(val.weight * scores[f"val_bpb{suffix}"])
+        if len(self.val_sets) > 1:  # a mixture's overall figures: weighted means of its sources
+            event["val_loss"] = sum(losses)
+            if len(bpbs) == len(self.val_sets):
+                event["val_bpb"] = sum(bpbs)
+        event.update(scores)
         if self.task_metrics is not None:
             was_training = raw_model.training
             raw_model.eval()

@@ -53,7 +53,7 @@ class ScheduleConfig:
             )
         if self.style == "constant" and self.end is not None and self.end != self.peak:
             found.append(f"{name}.end is set but style 'constant' never decays; pick a decay style")
-        if self.exponent <= 0:
+        if not self.exponent > 0:
             found.append(f"{name}.exponent must be positive")
         return found
 

@@ -32,6 +32,8 @@ from gptlab import storage
 from gptlab.checkpoints import model_state_for_saving
 from gptlab.config import Config, dotted
 from gptlab.errors import UserError
+from gptlab.training import on_main_process
+from models.hf import unpickling_cause
 
 SNAPSHOTS = "snapshots"
 STATE_FILE = "state.json"
@@ -47,6 +49,7 @@ BREAKING_KEYS = (
     "model.",
     "data.name",
     "data.dir",
+    "data.mixture",
     "seed",
     "batch_size",
     "grad_accum.",
@@ -83,13 +86,9 @@ def verify_snapshot(directory: Path) -> dict:
                     warnings.simplefilter("ignore")  # about pickle protocols
                     load_weights_only(path, map_location="cpu")
             except Exception as error:
-                # torch's own message goes on to suggest weights_only=False: keep only the cause.
-                lines = str(error).strip().splitlines() or ["unreadable"]
-                cause = next((line for line in lines if "Unsupported" in line), lines[0])
-                cause = cause.strip().removeprefix("WeightsUnpickler error: ").split(". ")[0]
                 raise UserError(
                     f"refusing to unpickle {path}: it holds more than tensors and plain data "
-                    f"({cause})"
+                    f"({unpickling_cause(error)})"
                 ) from None
     state = json.loads((directory / STATE_FILE).read_text())
     # Accelerate skips missing RNG states silently; a resumed run would then not be exact.
@@ -128,15 +127,19 @@ def _choose(out_dir: Path, resume: str) -> Path | None:
             raise UserError(f"{out_dir} already holds another run; choose another --out_dir")
         return snapshot
     candidates = snapshot_dirs(out_dir)
+    problems = []
     for directory in candidates:
         problem = _problem_of(directory)
         if not problem:
+            for skipped, why in problems:
+                print(f"warning: skipping snapshot {skipped}: {why}", file=sys.stderr)
             return directory
-        print(f"warning: skipping snapshot {directory}: {problem}", file=sys.stderr)
+        problems.append((directory, problem))
     if holds_run(out_dir) or candidates:
+        newest = f" (newest, {problems[0][0].name}: {problems[0][1]})" if problems else ""
         raise UserError(
-            f"{out_dir} holds a run but no valid snapshot to resume from; move it away or "
-            "choose another --out_dir (nothing was changed)"
+            f"{out_dir} holds a run but no valid snapshot to resume from{newest}; move it away "
+            "or choose another --out_dir (nothing was changed)"
         )
     return None
 
@@ -311,6 +314,17 @@ class Snapshots:
         """Keep the newest keep_snapshots; rename before deleting so a crash leaves no half."""
         storage.keep_first(snapshot_dirs(self.out_dir), self.config.keep_snapshots)
 
+    def _rewind_run_dir(self, directory: Path, state: dict) -> None:
+        """Cut metrics.jsonl back to its length at the snapshot and put trackers.json back."""
+        metrics = self.out_dir / "metrics.jsonl"
+        own_run = Path(directory).resolve().parent.parent == self.out_dir.resolve()
+        if own_run and metrics.exists() and metrics.stat().st_size > state["metrics_bytes"]:
+            os.truncate(metrics, state["metrics_bytes"])
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        trackers = self.out_dir / "trackers.json"
+        if state["trackers"] is not None and not trackers.exists():
+            trackers.write_text(json.dumps(state["trackers"], indent=2) + "\n")
+
     def clean_leftovers(self) -> None:
         """Remove temporary directories that a crash during a save left (main process)."""
         for parent in (self.root, self.out_dir / "checkpoints"):
@@ -336,15 +350,8 @@ class Snapshots:
             )
         self.accelerator.load_state(str(directory))
         self.elapsed_before = state["elapsed_s"]
-        if self.accelerator.is_main_process:
-            metrics = self.out_dir / "metrics.jsonl"
-            own_run = Path(directory).resolve().parent.parent == self.out_dir.resolve()
-            if own_run and metrics.exists() and metrics.stat().st_size > state["metrics_bytes"]:
-                os.truncate(metrics, state["metrics_bytes"])
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            trackers = self.out_dir / "trackers.json"
-            if state["trackers"] is not None and not trackers.exists():
-                trackers.write_text(json.dumps(state["trackers"], indent=2) + "\n")
+        # A write that fails (a full or read-only disk) ends the run on every process at once.
+        on_main_process(self.accelerator, lambda: self._rewind_run_dir(directory, state))
         self.accelerator.wait_for_everyone()
         for key, value in state["progress"].items():
             setattr(progress, key, value)

@@ -8,6 +8,7 @@ something that looks whole. A script writes only into a directory that is absent
 already of its own kind, and never into one it reads from.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -54,14 +55,21 @@ def finalize_directory(tmp_dir: Path, target: Path) -> None:
 def write_directory_atomically(target: Path, fill: Callable[[Path], None]) -> Path:
     """Create target by fill(tmp_dir) in a temporary sibling, add a manifest, flush, and rename."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-", dir=target.parent))
+    created = [p for p in target.absolute().parents if not p.exists()]  # deepest first
     try:
-        tmp_dir.chmod(0o755)  # mkdtemp makes it private; what we write is meant to be shared
-        fill(tmp_dir)
-        finalize_directory(tmp_dir, target)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-", dir=target.parent))
+        try:
+            tmp_dir.chmod(0o755)  # mkdtemp makes it private; what we write is meant to be shared
+            fill(tmp_dir)
+            finalize_directory(tmp_dir, target)
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+    except BaseException:
+        for parent in created:  # a failed write leaves no new empty directories behind
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise
     return target
 
 

@@ -2,30 +2,57 @@
 
 Character vocabularies are built as word-level tokenizers that split text into single characters,
 so a character model and a BPE model are saved, loaded and decoded the same way (and transformers'
-AutoTokenizer can read both).
+AutoTokenizer can read both). Every tokenizer we build or prepare data with has an end-of-text
+special token (appended after each document) that tokenizer_config.json names as `eos_token`,
+so tools built on transformers find it.
 """
 
 import json
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import tokenizers
-from tokenizers import Regex, decoders, models, pre_tokenizers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
 from gptlab.errors import UserError
 
-SPECIAL_TOKENS = ("<|endoftext|>",)
 END_OF_TEXT, PAD, UNKNOWN = "<|endoftext|>", "<|pad|>", "<|unk|>"
+SPECIAL_TOKENS = (END_OF_TEXT,)
+BYTE_ALPHABET = 256
+
+
+def _named_token(value) -> str | None:
+    """A token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+@contextmanager
+def _refusing_corrupt(*files: Path) -> Iterator[None]:
+    """Turn the tokenizers library's error about an unreadable file into one line naming it."""
+    try:
+        yield
+    except Exception as error:  # tokenizers raises a bare Exception from Rust
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(
+            f"{' and '.join(map(str, files))}: not a valid tokenizer ({cause}); restore the file "
+            "from where it came, or prepare the data set again"
+        ) from None
 
 
 class Tokenizer:
-    def __init__(self, backend: tokenizers.Tokenizer):
+    def __init__(self, backend: tokenizers.Tokenizer, eos_token: str | None = None):
         self.backend = backend
+        if eos_token is None and backend.token_to_id(END_OF_TEXT) is not None:
+            eos_token = END_OF_TEXT
+        self.eos_token = eos_token if backend.token_to_id(eos_token or "") is not None else None
 
     @classmethod
-    def from_chars(cls, chars: str, special_tokens: tuple[str, ...] = ()) -> "Tokenizer":
+    def from_chars(cls, chars: str, extra_special_tokens: tuple[str, ...] = ()) -> "Tokenizer":
         """A character vocabulary: token id i is the i-th character of sorted(set(chars)), then
-        the special tokens. With UNKNOWN among them, a character outside the vocabulary reads as
-        UNKNOWN; without, text with such a character is refused."""
+        the end-of-text token, then extra_special_tokens (PAD, UNKNOWN). With UNKNOWN among them,
+        a character outside the vocabulary reads as UNKNOWN; without, such text is refused."""
+        special_tokens = (END_OF_TEXT, *extra_special_tokens)
         vocab = {c: i for i, c in enumerate(sorted(set(chars)))}
         vocab.update({token: len(vocab) + i for i, token in enumerate(special_tokens)})
         unknown = UNKNOWN if UNKNOWN in special_tokens else None
@@ -33,22 +60,42 @@ class Tokenizer:
         backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
         backend.decoder = decoders.Fuse()
         backend.add_special_tokens(list(special_tokens))
-        return cls(backend)
+        return cls(backend, END_OF_TEXT)
+
+    @classmethod
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int) -> "Tokenizer":
+        """A byte-level BPE of vocab_size tokens (GPT-2's pre-tokenization: every text encodes,
+        nothing is unknown) learnt from `texts`; the end-of-text token is id 0."""
+        bpe_size(f"bpe:{vocab_size}")
+        backend = tokenizers.Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[END_OF_TEXT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        backend.train_from_iterator(texts, trainer)
+        return cls(backend, END_OF_TEXT)
 
     @classmethod
     def load(cls, name_or_dir: str | Path) -> "Tokenizer":
         """Load from a directory (tokenizer.json, or GPT-2's vocab.json + merges.txt) or a hub name."""
         path = Path(name_or_dir)
         if (path / "tokenizer.json").is_file():
-            return cls(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")))
+            with _refusing_corrupt(path / "tokenizer.json"):
+                backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+            return cls(backend, _configured_eos(path))
         if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            bpe = tokenizers.ByteLevelBPETokenizer(
-                str(path / "vocab.json"), str(path / "merges.txt")
-            )
+            with _refusing_corrupt(path / "vocab.json", path / "merges.txt"):
+                bpe = tokenizers.ByteLevelBPETokenizer(
+                    str(path / "vocab.json"), str(path / "merges.txt")
+                )
             backend = bpe._tokenizer
             known = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is not None]
             backend.add_special_tokens(known)
-            return cls(backend)
+            return cls(backend, _configured_eos(path))
         if path.exists() or str(name_or_dir).startswith((".", "/")):
             raise UserError(
                 f"no tokenizer in {name_or_dir}: expected tokenizer.json or vocab.json + merges.txt"
@@ -56,12 +103,23 @@ class Tokenizer:
         try:  # a hub name such as "gpt2": needs the network the first time
             from transformers import AutoTokenizer
 
-            return cls(AutoTokenizer.from_pretrained(str(name_or_dir)).backend_tokenizer)
+            hub = AutoTokenizer.from_pretrained(str(name_or_dir))
+            return cls(hub.backend_tokenizer, hub.eos_token)
         except OSError as error:
             raise UserError(
-                f"could not load tokenizer {name_or_dir!r} ({error.__class__.__name__}); "
-                "pass a local directory with tokenizer.json or vocab.json + merges.txt"
+                f"could not load tokenizer {name_or_dir!r} from the Hugging Face Hub "
+                f"({error.__class__.__name__}; the first load needs the network); pass a local "
+                "directory with tokenizer.json or vocab.json + merges.txt"
             ) from None
+
+    def with_end_of_text(self) -> "Tokenizer":
+        """This tokenizer if it has an end-of-text token, else a copy with <|endoftext|> added
+        as a special token after its vocabulary."""
+        if self.eos_token_id is not None:
+            return self
+        backend = tokenizers.Tokenizer.from_str(self.backend.to_str())
+        backend.add_special_tokens([END_OF_TEXT])
+        return Tokenizer(backend, END_OF_TEXT)
 
     @property
     def is_char_level(self) -> bool:
@@ -73,7 +131,7 @@ class Tokenizer:
 
     @property
     def eos_token_id(self) -> int | None:
-        return self.backend.token_to_id(END_OF_TEXT)
+        return None if self.eos_token is None else self.backend.token_to_id(self.eos_token)
 
     @property
     def pad_token_id(self) -> int | None:
@@ -83,16 +141,28 @@ class Tokenizer:
     def unknown_token_id(self) -> int | None:
         return self.backend.token_to_id(UNKNOWN)
 
-    def encode(self, text: str) -> list[int]:
+    def _check_characters(self, text: str) -> None:
         if self.is_char_level and self.unknown_token_id is None:
             vocab = self.backend.get_vocab()
-            unknown = sorted({c for c in text if c not in vocab})
+            for token in self.backend.get_added_tokens_decoder().values():
+                text = text.replace(token.content, "")  # special tokens written in the text
+            unknown = sorted(set(text).difference(vocab))
             if unknown:
+                known = "".join(sorted((t for t in vocab if len(t) == 1), key=vocab.get))
                 raise UserError(
                     f"text has characters outside the vocabulary: {''.join(unknown)!r}; "
-                    f"use only these: {''.join(sorted(vocab, key=vocab.get))!r}"
+                    f"use only these: {known!r}"
                 )
+
+    def encode(self, text: str) -> list[int]:
+        self._check_characters(text)
         return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encode many texts at once, on every core (the tokenizers library's own threads)."""
+        for text in texts:
+            self._check_characters(text)
+        return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(ids, skip_special_tokens=False)
@@ -106,9 +176,31 @@ class Tokenizer:
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1_000_000_000,
         }
-        if self.eos_token_id is not None:
-            settings.update(eos_token=END_OF_TEXT, bos_token=END_OF_TEXT)
+        if self.eos_token is not None:
+            settings.update(eos_token=self.eos_token, bos_token=self.eos_token)
         for name, token in (("pad_token", PAD), ("unk_token", UNKNOWN)):
             if self.backend.token_to_id(token) is not None:
                 settings[name] = token
         (directory / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def bpe_size(spec: str) -> int:
+    """The vocabulary size N of `bpe:N`, checked to hold the byte alphabet and end-of-text."""
+    size = spec.removeprefix("bpe:")
+    if not size.isdigit():
+        raise UserError(f"--tokenizer {spec}: give the vocabulary size, such as bpe:4096")
+    if int(size) < BYTE_ALPHABET + 1:
+        raise UserError(
+            f"--tokenizer {spec} is too small: a byte-level BPE needs at least "
+            f"{BYTE_ALPHABET + 1} tokens ({BYTE_ALPHABET} bytes and end-of-text)"
+        )
+    return int(size)
+
+
+def _configured_eos(directory: Path) -> str | None:
+    """The eos_token a tokenizer_config.json in directory names, if any."""
+    try:
+        settings = json.loads((directory / "tokenizer_config.json").read_text())
+        return _named_token(settings.get("eos_token")) if isinstance(settings, dict) else None
+    except (OSError, ValueError):
+        return None

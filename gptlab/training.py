@@ -17,10 +17,20 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 import models
-from gptlab import checkpoints
-from gptlab.config import Config
-from gptlab.data import EpochSampler, Split, read_meta
+from gptlab import checkpoints, tasks
+from gptlab.config import Config, MixtureSource
+from gptlab.data import (
+    EpochSampler,
+    Split,
+    bits_per_byte,
+    fixed_subset,
+    load_tokenizer,
+    open_split,
+    read_meta,
+)
 from gptlab.errors import UserError
+from gptlab.evaluation import ValSet
+from gptlab.mixture import MixtureSampler, MixtureSplit
 from gptlab.scheduler import StepSettings
 from gptlab.tasks import arithmetic
 from gptlab.tokenizer import Tokenizer
@@ -96,6 +106,144 @@ def open_data(config: Config, accelerator: Accelerator) -> dict:
 def prepare_built_in(name: str, data_dir: Path) -> None:
     print(f"preparing the {name} data set in {data_dir}")
     arithmetic.prepare_arithmetic(name, data_dir)
+
+
+@dataclass
+class TrainingData:
+    """What a run trains and is scored on: one prepared data set, or several mixed by weight."""
+
+    meta: dict
+    """meta.json of the data set (of the first source of a mixture: they share the vocabulary)."""
+    tokenizer: Tokenizer
+    train_split: Split | MixtureSplit
+    sampler: EpochSampler | MixtureSampler
+    val_sets: list[ValSet]
+    task_metrics: Callable | None
+    """The data set's own metrics at each evaluation (arithmetic's exact match), if any."""
+    info: dict
+    """What checkpoints record about the data (data.json)."""
+    source_names: list[str] = field(default_factory=list)
+    """A mixture's sources, in order (empty for one data set)."""
+    checkpoint_metric: str = "val_loss"
+    """The val score that ranks the run's checkpoints (classifiers: val_accuracy)."""
+    sample_length: int = field(init=False)
+    """Input tokens of one training sample (a classifier's: its whole row, padding included)."""
+
+    def __post_init__(self):
+        self.sample_length = self.train_split.sample_length
+
+    def consumed(self, samples: int) -> dict:
+        """Tokens and epochs of each mixture source once `samples` positions are trained."""
+        if not self.source_names:
+            return {}
+        figures = {}
+        taken = self.sampler.taken(samples)
+        for name, count, split in zip(self.source_names, taken, self.train_split.splits):
+            figures[f"tokens/{name}"] = count * self.sample_length
+            figures[f"epochs/{name}"] = count / split.num_samples
+        return figures
+
+
+def data_vocabulary(config: Config, accelerator: Accelerator) -> tuple[dict, Tokenizer]:
+    """The meta.json and tokenizer that a model for the run's data is built for (of a mixture's
+    first source: the sources must share them)."""
+    if config.data.mixture:
+        data_dir = Path(config.data.mixture[0].dir)
+        meta = read_source_meta(data_dir)
+    else:
+        data_dir, meta = config.data.path, open_data(config, accelerator)
+    return meta, load_tokenizer(data_dir, meta)
+
+
+def read_source_meta(data_dir: Path) -> dict:
+    """The meta.json of a mixture's source, checked to be a language-modelling set."""
+    if not (data_dir / "meta.json").is_file():
+        raise UserError(
+            f"data.mixture source {data_dir} is not a prepared data set (no meta.json); "
+            "prepare it with prepare_data.py or correct its dir"
+        )
+    meta = read_meta(data_dir)
+    if meta["format"] != "stream":
+        raise UserError(
+            f"data.mixture source {data_dir} holds fixed-length examples; a mixture mixes "
+            "language-modelling (text) data sets only"
+        )
+    return meta
+
+
+def open_training_data(config: Config, accelerator: Accelerator) -> TrainingData:
+    """The run's data set (a built-in synthetic one is prepared if missing) or mixture."""
+    if config.data.mixture:
+        return open_mixture(config)
+    meta = open_data(config, accelerator)
+    data_dir, block_size, seed = config.data.path, config.model.block_size, config.seed
+    tokenizer = Tokenizer.load(data_dir)
+    train = open_split(data_dir, meta, "train", block_size, seed)
+    val = open_split(data_dir, meta, "val", block_size, seed)
+    val_set = ValSet(
+        val,
+        fixed_subset(val.num_samples, config.data.eval_samples),
+        bpb_per_loss=bits_per_byte(1.0, meta, "val"),
+    )
+    module = tasks.for_data_set(meta)
+    kept = ("format", "example_length", "task", "labels", "pooling", "keep")
+    info = {k: v for k, v in meta.items() if k in kept}
+    return TrainingData(
+        meta=meta,
+        tokenizer=tokenizer,
+        train_split=train,
+        sampler=EpochSampler(train.num_samples, seed),
+        val_sets=[val_set],
+        task_metrics=module.val_metrics(meta, tokenizer, val, config.data.exact_match_samples),
+        info={**info, "dir": str(data_dir)},
+        checkpoint_metric=module.CHECKPOINT_METRIC,
+    )
+
+
+def open_mixture(config: Config) -> TrainingData:
+    """Several prepared language-modelling sets with one tokenizer, mixed by weight."""
+    sources: list[MixtureSource] = config.data.mixture
+    total = math.fsum(source.weight for source in sources)
+    first, tokenizer = None, None
+    trains, val_sets = [], []
+    for source in sources:
+        data_dir = Path(source.dir)
+        meta = read_source_meta(data_dir)
+        own = Tokenizer.load(data_dir)
+        if tokenizer is None:
+            first, tokenizer, first_meta = source, own, meta
+        elif (own.backend.get_vocab(), own.eos_token) != (
+            tokenizer.backend.get_vocab(),
+            tokenizer.eos_token,
+        ):
+            raise UserError(
+                f"data.mixture sources {first.dir} and {source.dir} have different tokenizers; "
+                "prepare them with the same --tokenizer"
+            )
+        block_size, seed = config.model.block_size, config.seed
+        trains.append(open_split(data_dir, meta, "train", block_size, seed))
+        val = open_split(data_dir, meta, "val", block_size, seed)
+        val_sets.append(
+            ValSet(
+                val,
+                fixed_subset(val.num_samples, config.data.eval_samples),
+                name=source.label,
+                weight=source.weight / total,
+                bpb_per_loss=bits_per_byte(1.0, meta, "val"),
+            )
+        )
+    weights = [source.weight for source in sources]
+    mixture = [{"name": s.label, "dir": s.dir, "weight": s.weight / total} for s in sources]
+    return TrainingData(
+        meta=first_meta,
+        tokenizer=tokenizer,
+        train_split=MixtureSplit(trains),
+        sampler=MixtureSampler([t.num_samples for t in trains], weights, config.seed),
+        val_sets=val_sets,
+        task_metrics=None,
+        info={"format": "stream", "mixture": mixture},
+        source_names=[source.label for source in sources],
+    )
 
 
 def mixed_precision_mode(config: Config) -> str:
@@ -190,8 +338,8 @@ def apply_settings(optimizer: torch.optim.Optimizer, settings: StepSettings) -> 
 
 
 def fetch_micro_batches(
-    sampler: EpochSampler,
-    split: Split,
+    sampler: EpochSampler | MixtureSampler,
+    split: Split | MixtureSplit,
     position: int,
     grad_accum: int,
     batch_size: int,

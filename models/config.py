@@ -80,4 +80,7 @@ class ModelConfig:
             found.append(
                 f"model.pad_token_id ({self.pad_token_id}) must be a token id of the vocabulary"
             )
+        for name in ("rope_theta", "norm_eps"):
+            if not 0.0 < getattr(self, name) < float("inf"):
+                found.append(f"model.{name} is {getattr(self, name)}; it must be a positive number")
         return found

@@ -12,6 +12,7 @@ refused with a UserError rather than loaded in part.
 """
 
 import json
+import typing
 from pathlib import Path
 
 import torch
@@ -72,6 +73,22 @@ IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
 SUPPORTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 CLASSIFIERS = {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification"}
+# config.json keys without which the model's shape is unknown.
+REQUIRED_KEYS = {
+    "gpt2": ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"),
+    "llama": (
+        "num_hidden_layers",
+        "num_attention_heads",
+        "hidden_size",
+        "max_position_embeddings",
+        "vocab_size",
+        "intermediate_size",
+    ),
+}
+
+# transformers' base_model_prefix of GPT2PreTrainedModel and LlamaPreTrainedModel: the causal LM
+# holds its base model (GPT2Model, LlamaModel) under this name, so base-model weights carry it too.
+BASE_MODEL_PREFIX = {"gpt": "transformer", "llama": "model"}
 
 
 def name_pairs(config: ModelConfig) -> list[tuple[str, str | tuple[str, ...]]]:
@@ -124,8 +141,20 @@ def to_hf_state(model: nn.Module) -> dict[str, Tensor]:
     return hf
 
 
+def with_base_model_prefix(hf: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    """The weights under the causal LM's names. A save of the base model alone (the hub's original
+    gpt2 checkpoints: `wte.weight`, `h.0.attn.c_attn.weight`) lacks the base_model_prefix
+    (`transformer.`); transformers adds it on loading, and so do we."""
+    prefix = BASE_MODEL_PREFIX[config.arch] + "."
+    if any(name.startswith(prefix) for name in hf):
+        return hf
+    return {name if name == "lm_head.weight" else prefix + name: w for name, w in hf.items()}
+
+
 def from_hf_state(hf: dict[str, Tensor], config: ModelConfig, source: str) -> dict[str, Tensor]:
-    """Our state dict from transformers-named weights; every weight must be used, none missing."""
+    """Our state dict from transformers-named weights (of the causal LM or of its base model alone);
+    every weight must be used, none missing."""
+    hf = with_base_model_prefix(hf, config)
     state, used, missing = {}, set(), []
     for ours, theirs in name_pairs(config):
         names = theirs if isinstance(theirs, tuple) else (theirs,)
@@ -200,7 +229,10 @@ def to_hf_config(config: ModelConfig, eos_token_id: int | None) -> dict:
         "head_dim": config.head_dim,
         "max_position_embeddings": config.block_size,
         "rms_norm_eps": config.norm_eps,
+        # transformers 5 reads rope_parameters; 4.x reads rope_theta (and without it silently
+        # takes 10000), so both are written.
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_theta": config.rope_theta,
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
@@ -219,6 +251,12 @@ def from_hf_config(hf: dict, source: str) -> ModelConfig:
         raise UserError(
             f"{source} holds a {model_type!r} model; supported are {', '.join(SUPPORTED)} "
             "(GPT2LMHeadModel, LlamaForCausalLM)"
+        )
+    missing = [key for key in REQUIRED_KEYS[model_type] if key not in hf]
+    if missing:
+        raise UserError(
+            f"{source}: config.json lacks {', '.join(missing)}; it is not a complete "
+            f"{model_type} config (restore the file or use another model)"
         )
     if model_type == "gpt2":
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -273,6 +311,15 @@ def from_hf_config(hf: dict, source: str) -> ModelConfig:
         if hf.get("pad_token_id") is None:
             _refuse(source, "a classifier without pad_token_id")
         config.labels, config.pad_token_id = label_names(hf), hf["pad_token_id"]
+    for name, kind in typing.get_type_hints(ModelConfig).items():
+        value = getattr(config, name)
+        kinds = (int, float) if kind is float else typing.get_origin(kind) or kind
+        wrong = not isinstance(value, kinds) or (isinstance(value, bool) and kind is not bool)
+        if wrong or (kinds is list and not all(isinstance(item, str) for item in value)):
+            raise UserError(
+                f"{source}: config.json gives {name} the value {value!r}, not a "
+                f"{kind.__name__}; restore the file or use another model"
+            )
     if config.problems():
         raise UserError(f"{source}: {config.problems()[0]}")
     return config
@@ -284,23 +331,58 @@ def label_names(hf: dict) -> list[str]:
     return [id2label.get(str(i), id2label.get(i, f"LABEL_{i}")) for i in range(len(id2label))]
 
 
+def unpickling_cause(error: Exception) -> str:
+    """The cause in torch's refusal to unpickle a file with weights_only=True, without the
+    advice that follows it in torch's message (to load it with weights_only=False, which would
+    run whatever code the file holds)."""
+    lines = str(error).strip().splitlines() or ["unreadable"]
+    cause = next((line for line in lines if "Unsupported" in line), lines[0])
+    return cause.strip().removeprefix("WeightsUnpickler error: ").split(". ")[0]
+
+
+def load_pickled_weights(path: Path) -> dict[str, Tensor]:
+    """A PyTorch .bin file of tensors, read with weights_only=True: nothing else is unpickled."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UserError(
+            f"refusing to load {path}: it is corrupt or holds more than tensors "
+            f"({unpickling_cause(error)})"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise UserError(f"refusing to load {path}: it does not hold a dict of tensors")
+    return state
+
+
+def load_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError) as error:
+        raise UserError(
+            f"{path} is truncated or corrupt ({error}); download or copy the model again"
+        ) from None
+
+
 def read_hf_weights(directory: Path) -> dict[str, Tensor]:
     """All weights of a transformers model directory: safetensors (maybe sharded) or, failing
     that, PyTorch .bin files read with weights_only=True (no code is unpickled)."""
-    from safetensors.torch import load_file
-
     for single, index, load in (
-        ("model.safetensors", "model.safetensors.index.json", lambda p: load_file(p, device="cpu")),
-        (
-            "pytorch_model.bin",
-            "pytorch_model.bin.index.json",
-            lambda p: torch.load(p, map_location="cpu", weights_only=True),
-        ),
+        ("model.safetensors", "model.safetensors.index.json", load_safetensors),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json", load_pickled_weights),
     ):
         if (directory / single).is_file():
             return load(directory / single)
         if (directory / index).is_file():
-            shards = sorted(set(json.loads((directory / index).read_text())["weight_map"].values()))
+            try:
+                weight_map = json.loads((directory / index).read_text())["weight_map"]
+                shards = sorted(set(weight_map.values()))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise UserError(
+                    f"{directory / index} is corrupt; download or copy the model again"
+                ) from None
             state = {}
             for shard in shards:
                 state.update(load(directory / shard))

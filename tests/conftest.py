@@ -80,3 +80,24 @@ def shakespeare_dir(tmp_path_factory) -> Path:
 
     source = SHARED_DATA / "tinyshakespeare" / "input.txt"
     return prepare_text(str(source), "char", tmp_path_factory.mktemp("data") / "shakespeare")
+
+
+@pytest.fixture(scope="session")
+def mixture_dirs(shakespeare_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """Two language-modelling sets with one character tokenizer: tiny Shakespeare, and its
+    lines in reverse order (other text, the same characters)."""
+    from gptlab.tasks.text import prepare_text
+
+    work = tmp_path_factory.mktemp("mixture")
+    lines = (SHARED_DATA / "tinyshakespeare" / "input.txt").read_text().splitlines(True)
+    (work / "reversed.txt").write_text("".join(reversed(lines))[:300_000])
+    reversed_dir = prepare_text(str(work / "reversed.txt"), str(shakespeare_dir), work / "reversed")
+    return shakespeare_dir, reversed_dir
+
+
+def mixture_option(first: Path, second: Path, weights=(0.8, 0.2)) -> str:
+    sources = [
+        {"dir": str(first), "weight": weights[0]},
+        {"dir": str(second), "weight": weights[1]},
+    ]
+    return f"--data.mixture={json.dumps(sources)}"

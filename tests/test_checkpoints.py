@@ -103,6 +103,31 @@ def test_a_non_finite_step_is_skipped_when_configured(accelerator):
     assert loss is not None and math.isfinite(loss.item()) and optimizer.state
 
 
+def test_a_skipped_fp16_step_backs_off_the_scale_and_the_next_step_runs(monkeypatch):
+    # Accelerate's fp16 on a GPU: a GradScaler that clip_grad_norm_ unscales through. The CPU has
+    # the same GradScaler, set up here by hand since Accelerate gives the CPU no fp16.
+    accelerator = Accelerator(cpu=True)
+    monkeypatch.setattr(accelerator.state, "_mixed_precision", "fp16")
+    monkeypatch.setattr(accelerator, "native_amp", True)
+    monkeypatch.setattr(accelerator, "scaler", torch.amp.GradScaler("cpu", init_scale=1024.0))
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    optimizer = accelerator.prepare(torch.optim.AdamW(model.parameters(), lr=0.1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    class Diverged(torch.nn.Module):
+        def forward(self, inputs, targets):
+            return model(inputs, targets) * math.inf
+
+    batch = [(torch.randint(0, 13, (4, 8)), torch.randint(0, 13, (4, 8)))]
+    loss, _, _ = train_step(Diverged(), optimizer, accelerator, batch, 1.0, True)
+    assert loss is None and accelerator.scaler.get_scale() == 512.0  # backed off, as on overflow
+    assert all(model.state_dict()[k].equal(v) for k, v in before.items())
+    loss, _, _ = train_step(model, optimizer, accelerator, batch, 1.0, True)  # no unscale_ error
+    assert loss is not None and math.isfinite(loss.item())
+    assert not model.state_dict()["wte.weight"].equal(before["wte.weight"])  # the step applied
+
+
 def test_a_non_finite_model_is_never_saved_over_a_good_snapshot(tmp_path):
     model = build_model(TINY)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)

@@ -222,7 +222,7 @@ def test_freezing_the_backbone_trains_the_head_last_block_and_final_norm_only(ar
 
 @pytest.mark.parametrize("arch", ["gpt", "llama"])
 def test_transformers_loads_our_classifier_and_gives_the_same_logits(arch, tmp_path):
-    tokenizer = Tokenizer.from_chars("abcdefghijklmnop", ("<|endoftext|>", "<|pad|>", "<|unk|>"))
+    tokenizer = Tokenizer.from_chars("abcdefghijklmnop", ("<|pad|>", "<|unk|>"))
     model = classifier(arch, vocab=tokenizer.vocab_size, pad=tokenizer.pad_token_id)
     with torch.no_grad():
         model.score.weight.normal_()  # a trained head, not the small initial one

@@ -76,7 +76,7 @@ def test_processes_get_disjoint_shares_that_make_up_the_global_batch(adder_dir):
 
 def test_stream_windows_are_shifted_targets_and_vary_by_epoch(shakespeare_dir):
     meta = read_meta(shakespeare_dir)
-    assert meta["vocab_size"] == 65 and meta["dtype"] == "uint16"
+    assert meta["vocab_size"] == 65 + 1 and meta["dtype"] == "uint16"  # characters, end-of-text
     split = open_split(shakespeare_dir, meta, "train", 32, seed=0)
     inputs, targets = split.fetch(np.array([0, 5]))
     assert inputs.shape == targets.shape == (2, 32)
@@ -85,8 +85,13 @@ def test_stream_windows_are_shifted_targets_and_vary_by_epoch(shakespeare_dir):
     assert tokenizer.decode(inputs[0].tolist()).startswith("First Citizen:")
     offsets = {split.epoch_offset(e) for e in range(10)}
     assert len(offsets) > 1 and all(0 <= o < 32 for o in offsets)
-    total = meta["splits"]["train"] + meta["splits"]["val"]
-    assert meta["splits"]["val"] == int(total * 0.1)
+    # One document cut by position as nanoGPT does: the last 10% of characters are val, and the
+    # document's end-of-text token ends val.
+    characters = 1_115_394
+    train = int(characters * 0.9)
+    assert meta["splits"] == {"train": train, "val": characters - train + 1}
+    val = np.fromfile(shakespeare_dir / "val.bin", dtype=np.uint16)
+    assert val[-1] == tokenizer.eos_token_id and tokenizer.eos_token_id not in val[:-1]
 
 
 def test_fixed_subset_is_stable_and_spread():

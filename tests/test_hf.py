@@ -289,3 +289,55 @@ def test_checkpoints_saved_with_our_own_names_before_the_bridge_still_load(tmp_p
     loaded = load_checkpoint(tmp_path / "old")
     ids = torch.tensor([tokenizer.encode(PROMPT)])
     assert torch.equal(loaded.model(ids), model(ids)) and loaded.info["step"] == 5
+
+
+def test_hub_gpt2_weights_without_the_base_model_prefix_load(tmp_path):
+    # The hub's original gpt2 checkpoints hold GPT2Model's weights alone: `wte.weight`,
+    # `h.0.attn.c_attn.weight` (and the causal-mask buffers), without transformers' `transformer.`.
+    theirs = hf_gpt2()
+    source = save_hf_dir(theirs, tmp_path / "gpt2")
+    weights = {k: v.contiguous() for k, v in theirs.transformer.state_dict().items()}
+    weights["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))  # the hub's mask buffer
+    assert "wte.weight" in weights and "h.0.attn.c_attn.weight" in weights
+    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+    ids = prompt_ids()
+    with torch.no_grad():
+        expected = theirs(ids).logits
+        assert (
+            AutoModelForCausalLM.from_pretrained(source)(ids).logits - expected
+        ).abs().max() < 1e-4
+        ours = load_checkpoint(source).model
+        assert (ours(ids) - expected).abs().max().item() <= 1e-4
+
+
+def test_base_model_prefixes_are_transformers_own():
+    from transformers import GPT2PreTrainedModel, LlamaPreTrainedModel
+
+    from models import hf
+
+    theirs = {"gpt": GPT2PreTrainedModel, "llama": LlamaPreTrainedModel}
+    assert {arch: cls.base_model_prefix for arch, cls in theirs.items()} == hf.BASE_MODEL_PREFIX
+
+
+def test_llama_export_writes_rope_theta_for_transformers_4_and_reads_either(tmp_path):
+    from models import ModelConfig, build_model
+
+    config = ModelConfig(
+        arch="llama", vocab_size=40, n_layer=1, n_head=2, n_embd=16, block_size=32, rope_theta=500.0
+    )
+    tokenizer = Tokenizer.from_chars(PROMPT + "xyz")
+    save_checkpoint(tmp_path / "ours", build_model(config), tokenizer, {}, {"step": 1})
+    written = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert written["rope_theta"] == 500.0  # what transformers 4.x reads
+    assert written["rope_parameters"]["rope_theta"] == 500.0  # what transformers 5 reads
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "ours").config.rope_parameters == {
+        "rope_type": "default",
+        "rope_theta": 500.0,
+    }
+    # A directory written by transformers 4.x (rope_theta only) or 5 (rope_parameters only) loads.
+    del written["gptlab"]
+    for key in ("rope_parameters", "rope_theta"):
+        one = {k: v for k, v in written.items() if k != key}
+        shutil.copytree(tmp_path / "ours", tmp_path / key)
+        (tmp_path / key / "config.json").write_text(json.dumps(one))
+        assert load_checkpoint(tmp_path / key).model.config.rope_theta == 500.0

@@ -37,7 +37,7 @@ def test_models_import_nothing_of_the_machinery_but_the_error_type():
 
 
 def test_the_root_holds_only_the_scripts():
-    assert SCRIPTS == {"train", "evaluate", "generate", "prepare_data", "benchmark", "plot"}
+    assert {"train", "evaluate", "generate", "prepare_data", "benchmark", "plot"} == SCRIPTS
 
 
 def test_the_loss_is_written_once_in_the_models():

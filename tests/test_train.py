@@ -47,7 +47,7 @@ def test_loss_falls_and_every_macro_batch_is_evaluated_and_logged(trained_adder)
         assert key in train[0]
     assert all(0.0 <= e["val_exact_match"] <= 1.0 for e in evals)
     config = json.loads((trained_adder / "config.json").read_text())
-    assert config["max_steps"] == 400 and config["model"]["vocab_size"] == 13
+    assert config["max_steps"] == 400 and config["model"]["vocab_size"] == 13 + 1  # and end-of-text
 
 
 def test_best_checkpoints_are_kept_and_linked(trained_adder):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from gptlab.cli import fraction, non_negative_int, positive_int
+from gptlab.cli import fraction, positive_int, random_seed
 from gptlab.data import fixed_subset, write_data_set
 from gptlab.errors import UserError
 from gptlab.tokenizer import Tokenizer
@@ -128,7 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     )
     parser.add_argument("--val_fraction", type=fraction, default=0.05)
     parser.add_argument("--test_fraction", type=fraction, default=0.05)
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the split")
+    parser.add_argument("--seed", type=random_seed, default=0, help="seed of the split")
 
 
 def prepare(command: str, args: argparse.Namespace, out_dir: Path) -> Path:

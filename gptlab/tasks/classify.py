@@ -25,9 +25,10 @@ import torch
 from accelerate import Accelerator
 
 from gptlab import storage
-from gptlab.cli import fraction, non_negative_int, positive_int
+from gptlab.cli import fraction, positive_int, random_seed
 from gptlab.data import is_data_set, token_dtype, write_data_set
 from gptlab.errors import UserError
+from gptlab.tasks.text import SplitFile
 from gptlab.tokenizer import END_OF_TEXT, PAD, UNKNOWN, Tokenizer
 
 CHNSENTICORP = "../shared/data/chnsenticorp/ChnSentiCorp_htl_all.csv"
@@ -168,7 +169,7 @@ def char_vocabulary(train_texts: list[str], min_count: int) -> Tokenizer:
     from the rare characters of the training texts."""
     counts = Counter(char for text in train_texts for char in text)
     chars = "".join(char for char, count in counts.items() if count >= min_count)
-    return Tokenizer.from_chars(chars, (END_OF_TEXT, PAD, UNKNOWN))
+    return Tokenizer.from_chars(chars, (PAD, UNKNOWN))
 
 
 def padding_token(tokenizer: Tokenizer, pooling: str) -> int:
@@ -367,14 +368,23 @@ def write_pretraining_set(
     dtype = token_dtype(tokenizer.vocab_size)
 
     def fill(tmp_dir: Path) -> dict:
-        counts = {}
-        for split in ("train", "val"):
-            tokens = [t for text in split_texts[split] for t in (*tokenizer.encode(text), -1)]
-            stream = np.array(tokens, dtype=np.int64)
-            stream[stream == -1] = tokenizer.eos_token_id
-            stream.astype(dtype).tofile(tmp_dir / f"{split}.bin")
-            counts[split] = len(stream)
-        return {"format": "stream", "dtype": dtype, "splits": counts, "source": source}
+        files = {split: SplitFile(tmp_dir / f"{split}.bin", dtype) for split in ("train", "val")}
+        for split, out in files.items():
+            texts = split_texts[split]
+            out.path.touch()
+            out.write(
+                tokenizer.encode_batch(texts), texts, [True] * len(texts), tokenizer.eos_token_id
+            )
+        return {
+            "format": "stream",
+            "dtype": dtype,
+            "splits": {split: out.tokens for split, out in files.items()},
+            "bytes": {split: out.bytes for split, out in files.items()},
+            "documents": {split: out.documents for split, out in files.items()},
+            "eos_token_id": tokenizer.eos_token_id,
+            "split_by": "document",
+            "source": source,
+        }
 
     return write_data_set(lm_dir, tokenizer, fill, overwrite, reads_from)
 
@@ -442,17 +452,17 @@ def classification_scores(matrix: np.ndarray, labels: list[str]) -> dict:
 def model_label_ids(model: torch.nn.Module, meta: dict) -> np.ndarray:
     """The model's class id of each of the data set's classes, matched by name; a class the model
     was not trained on, or a model that is not a classifier, is refused."""
-    if meta.get("format") != "classify":
-        raise UserError(
-            "the data set is not a classification set; use --data_dir with one made by "
-            "`prepare_data.py classify`, or another --task"
-        )
     model_labels = model.config.labels
-    if not model_labels:
+    if not model_labels:  # first: the data set of a language model is never a classification set
         raise UserError(
             "the checkpoint is a language model, not a classifier; make one by fine-tuning it: "
             "`python train.py --init_from=CHECKPOINT --data.dir=DATA` with DATA from "
             "`prepare_data.py classify`"
+        )
+    if meta.get("format") != "classify":
+        raise UserError(
+            "the data set is not a classification set; use --data_dir with one made by "
+            "`prepare_data.py classify`, or another --task"
         )
     unseen = [name for name in meta["labels"] if name not in model_labels]
     if unseen:
@@ -514,7 +524,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--name", default="classify", help="data set name (under data/)")
         parser.add_argument("--val_fraction", type=fraction, default=0.1)
         parser.add_argument("--test_fraction", type=fraction, default=0.1)
-        parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the split")
+        parser.add_argument("--seed", type=random_seed, default=0, help="seed of the split")
     parser.add_argument(
         "--context", type=positive_int, default=256, help="tokens per text, <|endoftext|> included"
     )
