@@ -11,11 +11,12 @@ DATA_ROOT=${DATA_ROOT:-data}
 OUT_ROOT=${OUT_ROOT:-out}
 CSV=${SHARED_DATA:-../shared/data}/chnsenticorp/ChnSentiCorp_htl_all.csv
 
-# The data: one seeded 80/10/10 split (stratified by label) shared by every run; the language
+# The data: texts of at most 128 characters (the language model's context; longer reviews keep
+# their start), one seeded 80/10/10 split (stratified by label) shared by every run; the language
 # model's data are the same training and val reviews, with the same character vocabulary.
 if [ ! -f "$DATA_ROOT/chnsenticorp/meta.json" ]; then
   python prepare_data.py chnsenticorp --input "$CSV" --out_dir "$DATA_ROOT/chnsenticorp" \
-    --lm_dir "$DATA_ROOT/chnsenticorp_lm" --overwrite
+    --context 128 --lm_dir "$DATA_ROOT/chnsenticorp_lm" --overwrite
 fi
 
 # 1. Pretrain: a 4-layer character GPT learns to continue the training reviews.
@@ -36,7 +37,7 @@ if [ "${ABLATION:-0}" = 1 ]; then
   # The same reviews and split, each text followed by <|endoftext|>, where the head pools.
   if [ ! -f "$DATA_ROOT/chnsenticorp_eot/meta.json" ]; then
     python prepare_data.py chnsenticorp --input "$CSV" --out_dir "$DATA_ROOT/chnsenticorp_eot" \
-      --pooling eot --overwrite
+      --context 128 --pooling eot --overwrite
   fi
   FROZEN=(--finetune.freeze=backbone --finetune.train_blocks=0 --lr.peak=3e-3)
   finetune chnsenticorp_cpu_eot chnsenticorp_eot
