@@ -2,11 +2,14 @@
 
     python evaluate.py --task adder --checkpoint out/adder --split test
     python evaluate.py --task loss --checkpoint out/shakespeare_cpu --split val --output val.json
+    python evaluate.py --task classify --checkpoint out/chnsenticorp_cpu --split test
     accelerate launch evaluate.py ...      # the split is shared out over the processes
 
 Tasks: `adder` and `multiplier` score exact match of the whole answer number under greedy
 decoding (a non-digit token makes the answer wrong); `loss` gives the mean token loss,
-perplexity and bits per UTF-8 byte of text (text data sets). The data set is the one the checkpoint was trained on unless --data_dir says otherwise.
+perplexity and bits per UTF-8 byte of text (text data sets); `classify` gives a classifier's
+accuracy, per-class precision/recall/F1 and confusion matrix. The data set is the one the
+checkpoint was trained on unless --data_dir says otherwise.
 """
 
 import argparse

@@ -94,6 +94,11 @@ def start_tokens(tokenizer, prompt: str) -> list[int]:
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     checkpoint = load_checkpoint(args.checkpoint)
+    if checkpoint.model.config.labels:
+        raise UserError(
+            f"{args.checkpoint} is a classifier; it predicts labels, not text (score it with "
+            "evaluate.py --task classify); generate from a language model"
+        )
     device = args.device
     model = checkpoint.model.to(device)
     if args.chat:

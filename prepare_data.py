@@ -4,6 +4,7 @@
     python prepare_data.py adder [--digits 3]
     python prepare_data.py multiplier [--digits 2]
     python prepare_data.py text --input corpus.txt --tokenizer char|DIR|HUB_NAME [--name NAME]
+    python prepare_data.py classify --input reviews.csv [--text_column review --label_column label]
 
 Each writes data/<name>/ (or --out_dir): meta.json, tokenizer.json, <split>.bin files and a
 manifest. The tokenizer travels with the data and then with every checkpoint, so nothing needs the

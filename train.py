@@ -227,7 +227,7 @@ def start_run(config: Config, overrides: dict, accelerator: Accelerator) -> Run:
         micro_tokens=micro_tokens,
         evaluate=Evaluator(data.val_sets, config.batch_size, data.task_metrics),
         early_stopping=EarlyStopping(config.early_stop),
-        rotator=checkpoints.CheckpointRotator(out_dir, config.keep_best),
+        rotator=checkpoints.CheckpointRotator(out_dir, config.keep_best, data.checkpoint_metric),
         snapshots=snapshots.Snapshots(accelerator, out_dir, config, raw_model),
         log=tracking.RunLog(accelerator, out_dir),
         throughput=Throughput.of_run(raw_model, data.sample_length, accelerator),
@@ -258,6 +258,14 @@ def start_run(config: Config, overrides: dict, accelerator: Accelerator) -> Run:
         run.log.say(note, run.progress.step)
     if "chat" in meta:  # what preparing the conversations cut or skipped goes in the run's log too
         run.log.say(chat_data.describe(meta), run.progress.step)
+    if config.finetune.freeze != "none":
+        trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in raw_model.parameters())
+        run.log.say(
+            f"finetune.freeze={config.finetune.freeze}: {trainable:,} of {total:,} parameters "
+            f"train (the head, the last {config.finetune.train_blocks} block(s), the final norm)",
+            run.progress.step,
+        )
     return run
 
 
@@ -295,11 +303,13 @@ def end_macro_batch(run: Run, train_event: dict, finished: bool) -> None:
     val_loss = event["val_loss"]
     run.stop_reason = run.early_stopping.update(val_loss)
     # A sharded model's weights are gathered onto the main process first (every process helps).
-    weights = sharding.gathered_weights(accelerator, run.model, lambda: run.rotator.wants(val_loss))
+    scores = {k: v for k, v in event.items() if k in checkpoints.SCORES}
+    wanted = scores[run.rotator.metric]
+    weights = sharding.gathered_weights(accelerator, run.model, lambda: run.rotator.wants(wanted))
     saved = on_main_process(
         accelerator,
         lambda: run.rotator.save(
-            run.raw_model, run.data.tokenizer, run.data.info, progress.step, val_loss, weights
+            run.raw_model, run.data.tokenizer, run.data.info, progress.step, scores, weights
         ),
     )
     if saved:

@@ -1,11 +1,13 @@
-"""Model checkpoints: self-contained safetensors directories, written atomically, rotated by val loss.
+"""Model checkpoints: self-contained safetensors directories, written atomically, rotated by val
+loss (classifiers: by val accuracy).
 
 A checkpoint directory holds everything needed to use the model without the run or the corpus,
 and is a Hugging Face model directory too (see models/hf.py):
 
     model.safetensors   weights under transformers' names (tensors only: nothing is unpickled)
-    config.json         transformers' config (GPT2LMHeadModel or LlamaForCausalLM), with our exact
-                        ModelConfig under "gptlab" and the step and val loss
+    config.json         transformers' config (GPT2LMHeadModel or LlamaForCausalLM; classifiers:
+                        *ForSequenceClassification with id2label, label2id, pad_token_id), with
+                        our exact ModelConfig under "gptlab" and the step and val scores
     data.json           what the model was trained on (data format, arithmetic task, ...)
     tokenizer.json      the tokenizer or character vocabulary (+ tokenizer_config.json, which
                         holds the chat template of a model trained on chat data)
@@ -132,7 +134,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         storage.verify_manifest(directory)
         model_config = ModelConfig(**hf_config["gptlab"])
         state = hf.load_safetensors(directory / MODEL_FILE)
-        info = {k: v for k, v in hf_config.items() if k in ("step", "val_loss")}
+        info = {k: v for k, v in hf_config.items() if k in ("step", *SCORES)}
         data_info = json.loads((directory / "data.json").read_text())
     else:
         model_config = hf.from_hf_config(hf_config, str(directory))
@@ -145,7 +147,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if not (ours and "wte.weight" in state):
         state = hf.from_hf_state(state, model_config, str(directory))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    allowed_missing = {"lm_head.weight"} if model_config.tie_embeddings else set()
+    tied = model_config.tie_embeddings and not model_config.num_labels
+    allowed_missing = {"lm_head.weight"} if tied else set()
     if set(missing) - allowed_missing or unexpected:
         raise UserError(
             f"{directory} does not match its config.json "
@@ -154,34 +157,45 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(model.eval(), Tokenizer.load(directory), data_info, info, directory)
 
 
-class CheckpointRotator:
-    """Keep the best `keep_best` checkpoints of a run by val loss (0 keeps all of them).
+SCORES = {"val_loss": "min", "val_accuracy": "max"}
+"""The val scores a checkpoint can be ranked by, and which way is better."""
 
-    Checkpoints live in out_dir/checkpoints/step-<step>-val-<loss>; out_dir/best and
-    out_dir/latest are symbolic links to the best and the newest one kept.
+
+class CheckpointRotator:
+    """Keep the best `keep_best` checkpoints of a run by `metric` (0 keeps all of them): val loss,
+    or val accuracy for a classifier.
+
+    Checkpoints live in out_dir/checkpoints/step-<step>-val-<loss> (or -acc-<accuracy>);
+    out_dir/best and out_dir/latest are symbolic links to the best and the newest one kept.
     """
 
-    def __init__(self, out_dir: Path, keep_best: int):
+    def __init__(self, out_dir: Path, keep_best: int, metric: str = "val_loss"):
         self.out_dir = Path(out_dir)
         self.root = self.out_dir / "checkpoints"
         self.keep_best = keep_best
+        self.metric = metric
+        self.sign = 1.0 if SCORES[metric] == "min" else -1.0  # sorted ascending: best first
 
     def kept(self) -> list[tuple[float, int, Path]]:
-        """(val loss, step, directory) of every complete checkpoint, best first."""
+        """(score, step, directory) of every complete checkpoint, best first."""
         found = []
         for directory in self.root.glob("step-*") if self.root.is_dir() else []:
             config_path = directory / "config.json"
             if (directory / storage.MANIFEST_FILE).is_file() and config_path.is_file():
                 info = json.loads(config_path.read_text())
-                found.append((info["val_loss"], info["step"], directory))
-        return sorted(found, key=lambda item: (item[0], item[1]))
+                found.append((info[self.metric], info["step"], directory))
+        return sorted(found, key=lambda item: (self.sign * item[0], item[1]))
 
-    def wants(self, val_loss: float) -> bool:
-        """Whether a checkpoint of this val loss would be among the best kept (ties: older stay)."""
-        if not math.isfinite(val_loss):
+    def wants(self, score: float) -> bool:
+        """Whether a checkpoint of this score would be among the best kept (ties: older stay)."""
+        if not math.isfinite(score):
             return False
         kept = self.kept()
-        return self.keep_best == 0 or len(kept) < self.keep_best or val_loss < kept[-1][0]
+        return (
+            self.keep_best == 0
+            or len(kept) < self.keep_best
+            or self.sign * score < self.sign * kept[-1][0]
+        )
 
     def save(
         self,
@@ -189,20 +203,23 @@ class CheckpointRotator:
         tokenizer: Tokenizer,
         data_info: dict,
         step: int,
-        val_loss: float,
+        scores: dict,
         weights: dict[str, torch.Tensor] | None = None,
     ) -> Path | None:
-        """Save if among the best, drop those pushed out, repoint best/ and latest/. `weights`
-        replaces model.state_dict() (a sharded model's, gathered).
+        """Save if among the best by scores[metric] (scores: the evaluation's val scores, all
+        recorded in the checkpoint's config.json), drop those pushed out, repoint best/ and
+        latest/. `weights` replaces model.state_dict() (a sharded model's, gathered).
 
         The dropping and repointing run after every evaluation, saved or not, so they also finish
         a rotation that a crash interrupted (a resumed run then ends with the same checkpoints).
         """
         directory = None
-        if self.wants(val_loss):
-            directory = self.root / f"step-{step:08d}-val-{val_loss:.4f}"
+        score = scores[self.metric]
+        if self.wants(score) and all(math.isfinite(v) for v in scores.values()):
+            tag = "val" if self.metric == "val_loss" else "acc"
+            directory = self.root / f"step-{step:08d}-{tag}-{score:.4f}"
             try:
-                info = {"step": step, "val_loss": val_loss}
+                info = {"step": step, **{k: v for k, v in scores.items() if k in SCORES}}
                 save_checkpoint(directory, model, tokenizer, data_info, info, weights)
             except (OSError, SafetensorError) as error:  # a full disk, say: tmp dir is gone
                 reason = error.strerror if isinstance(error, OSError) else str(error)

@@ -120,6 +120,24 @@ class OptimConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    freeze: str = "none"
+    """none: every weight trains; backbone: only the head, the last `train_blocks` blocks and the final norm train (needs init_from)."""
+    train_blocks: int = 0
+    """With freeze=backbone: how many of the last transformer blocks train too."""
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.freeze not in ("none", "backbone"):
+            found.append(f"finetune.freeze is {self.freeze!r}; use none or backbone")
+        if self.train_blocks < 0:
+            found.append("finetune.train_blocks must be 0 or more")
+        if self.train_blocks and self.freeze == "none":
+            found.append("finetune.train_blocks needs finetune.freeze=backbone")
+        return found
+
+
+@dataclass
 class TrackingConfig:
     trackers: list[str] = field(default_factory=list)
     """Experiment trackers fed through Accelerate: "wandb", "tensorboard", both, or none ([])."""
@@ -157,6 +175,8 @@ class Config:
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """Experiment trackers (metrics.jsonl in out_dir is written either way)."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """What trains when fine-tuning from init_from."""
     batch_size: int = 12
     """Micro-batch size per process; global batch = batch_size * grad_accum * processes."""
     max_steps: int = 0
@@ -180,7 +200,7 @@ class Config:
     fsdp_reduce_dtype: str = "fp32"
     """FSDP with mixed precision: precision the gradients are reduced in across processes: fp32, or bf16/fp16 (half the traffic, rounded sums)."""
     keep_best: int = 3
-    """Checkpoints kept, the best by val loss; 0 keeps every one."""
+    """Checkpoints kept, the best by val loss (classifiers: by val accuracy); 0 keeps every one."""
     init_from: str = ""
     """Start from these weights (fresh optimizer and schedule): our checkpoint or run directory, or a Hugging Face GPT-2/Llama directory or hub name."""
     resume: str = "auto"
@@ -196,6 +216,9 @@ class Config:
         found = self.model.problems()
         found += self.optim.problems()
         found += self.tracking.problems()
+        found += self.finetune.problems()
+        if self.finetune.freeze == "backbone" and not self.init_from:
+            found.append("finetune.freeze=backbone needs init_from (a trained backbone to keep)")
         found += self.lr.problems("lr")
         found += self.weight_decay.problems("weight_decay")
         found += self.grad_accum.problems("grad_accum", minimum=1)

@@ -1,11 +1,15 @@
 """Prepared data on disk, read through np.memmap, and the sampler that orders it.
 
-A data directory holds `meta.json`, the tokenizer, and per split `<split>.bin` (token ids). Two
+A data directory holds `meta.json`, the tokenizer, and per split `<split>.bin` (token ids). Three
 shapes of data share one interface:
 - a token stream (language modelling): sample i of an epoch is the window of block_size + 1
   tokens starting at offset + i * block_size, the offset drawn per epoch so windows vary;
 - fixed-length examples (`<split>.bin` of shape (n, length) plus `<split>_mask.bin`): the loss
-  sees only target positions whose mask is 1; the others get the ignore index -100.
+  sees only target positions whose mask is 1; the others get the ignore index -100;
+- labelled texts (classification: `<split>.bin` of shape (n, length), padded on the right with
+  the pad token, plus `<split>_labels.bin` and `<split>_lengths.bin`, int32, and the input row of
+  each example in `<split>_rows.bin`): a sample is a text and its label, the one target of a
+  classifier.
 
 The memmap is opened anew for every batch, so reading never accumulates resident memory.
 """
@@ -75,10 +79,16 @@ def read_meta(data_dir: Path) -> dict:
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         fmt, dtype, vocab = meta["format"], meta["dtype"], meta["vocab_size"]
-        valid = fmt in ("stream", "examples") and dtype in DTYPES and isinstance(vocab, int)
+        valid = fmt in ("stream", "examples", "classify")
+        valid = valid and dtype in DTYPES and isinstance(vocab, int)
         valid = valid and isinstance(meta.get("splits", {}), dict)
-        if fmt == "examples":
+        if fmt in ("examples", "classify"):
             valid = valid and isinstance(meta["example_length"], int) and meta["example_length"] > 1
+        if fmt == "classify":
+            labels, pad = meta["labels"], meta["pad_token_id"]
+            valid = valid and isinstance(labels, list) and len(labels) >= 2
+            valid = valid and all(isinstance(name, str) for name in labels)
+            valid = valid and isinstance(pad, int) and 0 <= pad < vocab
     except (ValueError, KeyError, TypeError):
         valid = False
     if not valid:
@@ -118,6 +128,7 @@ class StreamSplit:
     seed: int
 
     def __post_init__(self):
+        self.sample_length = self.block_size
         self.n_tokens = token_count(self.path, self.dtype, 1)
         self._offsets: dict[int, int] = {}
         # One window of room at the end, so every epoch offset in [0, block_size) fits.
@@ -162,6 +173,7 @@ class ExampleSplit:
     example_length: int
 
     def __post_init__(self):
+        self.sample_length = self.example_length - 1
         self.mask_path = self.path.with_name(self.path.stem + "_mask.bin")
         self.num_samples = token_count(self.path, self.dtype, self.example_length)
         if not self.mask_path.is_file() or self.mask_path.stat().st_size != (
@@ -189,7 +201,43 @@ class ExampleSplit:
         return int(mask[np.asarray(indices)][:, 1:].sum(dtype=np.int64))
 
 
-Split = StreamSplit | ExampleSplit
+@dataclass
+class LabelledSplit:
+    """Labelled texts: token rows padded on the right, one label and one real length per row.
+
+    fetch gives (tokens, labels): the rows cut to the longest text of the batch (with causal
+    attention the padding after a text changes nothing before it, so this only saves work) and
+    the labels (batch,), each example one target.
+    """
+
+    path: Path
+    dtype: str
+    example_length: int
+
+    def __post_init__(self):
+        self.sample_length = self.example_length
+        self.num_samples = token_count(self.path, self.dtype, self.example_length)
+        for name in ("labels", "lengths"):
+            column = self.path.with_name(f"{self.path.stem}_{name}.bin")
+            if not column.is_file() or column.stat().st_size != 4 * self.num_samples:
+                raise UserError(
+                    f"{column} is missing or does not match {self.path.name}; prepare the data "
+                    "set again with prepare_data.py"
+                )
+
+    def column(self, name: str) -> np.ndarray:
+        """The labels or the real lengths of every example (int32, memory-mapped)."""
+        return np.memmap(self.path.with_name(f"{self.path.stem}_{name}.bin"), np.int32, mode="r")
+
+    def fetch(self, indices: np.ndarray, epochs: np.ndarray | None = None) -> tuple:
+        indices = np.asarray(indices)
+        tokens = np.memmap(self.path, dtype=self.dtype, mode="r").reshape(-1, self.example_length)
+        width = int(self.column("lengths")[indices].max(initial=1))
+        rows = torch.from_numpy(tokens[indices, :width].astype(np.int64))
+        return rows, torch.from_numpy(self.column("labels")[indices].astype(np.int64))
+
+
+Split = StreamSplit | ExampleSplit | LabelledSplit
 
 
 def token_count(path: Path, dtype: str, row_length: int) -> int:
@@ -217,12 +265,14 @@ def open_split(data_dir: Path, meta: dict, split: str, block_size: int, seed: in
         split_data = StreamSplit(path, meta["dtype"], block_size, seed)
         count, unit = split_data.n_tokens, "tokens"
     else:
-        if meta["example_length"] - 1 > block_size:
+        split_class = LabelledSplit if meta["format"] == "classify" else ExampleSplit
+        length = meta["example_length"] - (split_class is ExampleSplit)  # inputs, without targets
+        if length > block_size:
             raise UserError(
-                f"examples of {meta['example_length'] - 1} input tokens do not fit "
-                f"model.block_size {block_size}; set --model.block_size={meta['example_length'] - 1}"
+                f"examples of {length} input tokens do not fit model.block_size {block_size}; set "
+                f"--model.block_size={length}, or prepare the data with a shorter context"
             )
-        split_data = ExampleSplit(path, meta["dtype"], meta["example_length"])
+        split_data = split_class(path, meta["dtype"], meta["example_length"])
         count, unit = split_data.num_samples, "examples"
     expected = known.get(split)
     if expected is not None and expected != count:

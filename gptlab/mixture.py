@@ -77,6 +77,7 @@ class MixtureSplit:
 
     def __init__(self, splits: list[StreamSplit]):
         self.splits = splits
+        self.sample_length = splits[0].sample_length  # the sources share model.block_size
         self.offsets = np.cumsum([0] + [s.num_samples for s in splits])
         self.num_samples = int(self.offsets[-1])
 

@@ -70,6 +70,7 @@ BREAKING_KEYS = (
     "seed",
     "mixed_precision",
     "optim.name",
+    "finetune.",
 )
 # These may change together with the number of processes as long as the global batch stays.
 BATCH_KEYS = ("batch_size", "grad_accum.")

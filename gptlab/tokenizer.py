@@ -19,7 +19,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
 from gptlab.errors import UserError
 
-END_OF_TEXT = "<|endoftext|>"
+END_OF_TEXT, PAD, UNKNOWN = "<|endoftext|>", "<|pad|>", "<|unk|>"
 SPECIAL_TOKENS = (END_OF_TEXT,)
 BYTE_ALPHABET = 256
 
@@ -56,14 +56,18 @@ class Tokenizer:
         self.chat_template = chat_template
 
     @classmethod
-    def from_chars(cls, chars: str) -> "Tokenizer":
-        """A character vocabulary: token id i is the i-th character of sorted(set(chars)), and the
-        end-of-text token comes after them."""
+    def from_chars(cls, chars: str, extra_special_tokens: tuple[str, ...] = ()) -> "Tokenizer":
+        """A character vocabulary: token id i is the i-th character of sorted(set(chars)), then
+        the end-of-text token, then extra_special_tokens (PAD, UNKNOWN). With UNKNOWN among them,
+        a character outside the vocabulary reads as UNKNOWN; without, such text is refused."""
+        special_tokens = (END_OF_TEXT, *extra_special_tokens)
         vocab = {c: i for i, c in enumerate(sorted(set(chars)))}
-        backend = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=None))
+        vocab.update({token: len(vocab) + i for i, token in enumerate(special_tokens)})
+        unknown = UNKNOWN if UNKNOWN in special_tokens else None
+        backend = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=unknown))
         backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
         backend.decoder = decoders.Fuse()
-        backend.add_special_tokens([END_OF_TEXT])
+        backend.add_special_tokens(list(special_tokens))
         return cls(backend, END_OF_TEXT)
 
     @classmethod
@@ -137,8 +141,16 @@ class Tokenizer:
     def eos_token_id(self) -> int | None:
         return None if self.eos_token is None else self.backend.token_to_id(self.eos_token)
 
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.backend.token_to_id(PAD)
+
+    @property
+    def unknown_token_id(self) -> int | None:
+        return self.backend.token_to_id(UNKNOWN)
+
     def _check_characters(self, text: str) -> None:
-        if self.is_char_level:
+        if self.is_char_level and self.unknown_token_id is None:
             vocab = self.backend.get_vocab()
             for token in self.backend.get_added_tokens_decoder().values():
                 text = text.replace(token.content, "")  # special tokens written in the text
@@ -176,6 +188,9 @@ class Tokenizer:
             settings.update(eos_token=self.eos_token, bos_token=self.eos_token)
         if self.chat_template is not None:
             settings["chat_template"] = self.chat_template
+        for name, token in (("pad_token", PAD), ("unk_token", UNKNOWN)):
+            if self.backend.token_to_id(token) is not None:
+                settings[name] = token
         (directory / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 

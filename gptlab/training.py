@@ -209,11 +209,13 @@ class TrainingData:
     """What checkpoints record about the data (data.json)."""
     source_names: list[str] = field(default_factory=list)
     """A mixture's sources, in order (empty for one data set)."""
+    checkpoint_metric: str = "val_loss"
+    """The val score that ranks the run's checkpoints (classifiers: val_accuracy)."""
     sample_length: int = field(init=False)
-    """Input tokens of one training sample."""
+    """Input tokens of one training sample (a classifier's: its whole row, padding included)."""
 
     def __post_init__(self):
-        self.sample_length = self.train_split.fetch(np.zeros(1, dtype=np.int64))[0].size(1)
+        self.sample_length = self.train_split.sample_length
 
     def consumed(self, samples: int) -> dict:
         """Tokens and epochs of each mixture source once `samples` positions are trained."""
@@ -270,7 +272,8 @@ def open_training_data(config: Config, accelerator: Accelerator) -> TrainingData
         final_indices=final_subset(val, config),
     )
     module = tasks.for_data_set(meta)
-    info = {k: v for k, v in meta.items() if k in ("format", "example_length", "task")}
+    kept = ("format", "example_length", "task", "labels", "pooling", "keep")
+    info = {k: v for k, v in meta.items() if k in kept}
     return TrainingData(
         meta=meta,
         tokenizer=tokenizer,
@@ -279,6 +282,7 @@ def open_training_data(config: Config, accelerator: Accelerator) -> TrainingData
         val_sets=[val_set],
         task_metrics=module.val_metrics(meta, tokenizer, val, config.data.exact_match_samples),
         info={**info, "dir": str(data_dir)},
+        checkpoint_metric=module.CHECKPOINT_METRIC,
     )
 
 
@@ -358,7 +362,16 @@ def build_model(
     """A fresh model for the data set, or the weights of config.init_from. Fine-tuning sets
     config.model to the checkpoint's, with the command line's model.* overrides
     (`model_overrides`, names without the prefix) that fine-tuning allows, and the embedding
-    grown for tokens the data set's tokenizer appends (chat markers); `notes` gets what was done."""
+    grown for tokens the data set's tokenizer appends (chat markers); `notes` gets what was done.
+    A classification data set gets a classifier (its labels and pad token); finetune.freeze is
+    applied here."""
+    labels = meta["labels"] if meta["format"] == "classify" else []
+    pad = meta["pad_token_id"] if labels else -1
+    if config.model.labels and config.model.labels != labels:
+        raise UserError(
+            f"model.labels {config.model.labels} differs from the data set's {labels}; drop "
+            "model.labels, the data set sets it"
+        )
     if config.init_from:
         start = checkpoints.load_checkpoint(config.init_from)
         model, note = checkpoints.grow_vocabulary(
@@ -367,17 +380,46 @@ def build_model(
         if note and notes is not None:
             notes.append(note)
         model = checkpoints.adapt_for_finetuning(model, model_overrides, config.init_from)
+        model = fit_head(model, labels, pad, config.init_from).train()
         config.model = model.config
-        return model.train()
-    if config.model.vocab_size == 0:
-        config.model.vocab_size = meta["vocab_size"]
-    if config.model.vocab_size < meta["vocab_size"]:
+    else:
+        if config.model.vocab_size == 0:
+            config.model.vocab_size = meta["vocab_size"]
+        if config.model.vocab_size < meta["vocab_size"]:
+            raise UserError(
+                f"model.vocab_size {config.model.vocab_size} is below the data set's vocabulary "
+                f"{meta['vocab_size']}; set it to 0 to take the data set's"
+            )
+        config.model.labels, config.model.pad_token_id = list(labels), pad
+        config.model.vocab_size = padded_vocab_size(config.model)
+        model = models.build_model(config.model)
+    if config.finetune.freeze == "backbone":
+        if config.finetune.train_blocks > config.model.n_layer:
+            raise UserError(
+                f"finetune.train_blocks {config.finetune.train_blocks} exceeds the model's "
+                f"{config.model.n_layer} blocks; use at most {config.model.n_layer}"
+            )
+        models.freeze_backbone(model, config.finetune.train_blocks)
+    return model
+
+
+def fit_head(model: torch.nn.Module, labels: list[str], pad: int, source: str) -> torch.nn.Module:
+    """The starting model with the head the data needs: a language model gets a new
+    classification head for classification data; a classifier continues only on its labels."""
+    have = model.config.labels
+    if not labels and have:
         raise UserError(
-            f"model.vocab_size {config.model.vocab_size} is below the data set's vocabulary "
-            f"{meta['vocab_size']}; set it to 0 to take the data set's"
+            f"init_from {source} is a classifier ({have}); train it on a classification data set, "
+            "or start a language model from a language-model checkpoint"
         )
-    config.model.vocab_size = padded_vocab_size(config.model)
-    return models.build_model(config.model)
+    if not labels or (have == labels and model.config.pad_token_id == pad):
+        return model
+    if have:
+        raise UserError(
+            f"init_from {source} classifies into {have}, but the data set's labels are {labels}; "
+            "start from the language model it was made from, or prepare data with its labels"
+        )
+    return models.with_classification_head(model, labels, pad)
 
 
 def padded_vocab_size(model_config: models.ModelConfig) -> int:

@@ -1,6 +1,6 @@
 """The model's hyperparameters: one dataclass shared by every architecture."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -35,6 +35,15 @@ class ModelConfig:
     """Epsilon of LayerNorm / RMSNorm."""
     loss_chunk: int = 0
     """Compute the training loss this many positions at a time, recomputing their logits in the backward pass, so fp32 logits of the whole batch never exist (for large vocabularies); 0: all at once."""
+
+    labels: list[str] = field(default_factory=list)
+    """Classifiers: the class names, by class id, scored by a head on the last real token (empty: a language model). Classification data sets set it."""
+    pad_token_id: int = -1
+    """Classifiers: the padding token, which the pooled position comes before (-1: none). Classification data sets set it."""
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
 
     @property
     def head_dim(self) -> int:
@@ -72,6 +81,14 @@ class ModelConfig:
             found.append(f"model.vocab_multiple ({self.vocab_multiple}) must be at least 1")
         if self.loss_chunk < 0:
             found.append(f"model.loss_chunk ({self.loss_chunk}) must be 0 (off) or more")
+        if self.num_labels == 1 or len(set(self.labels)) < self.num_labels:
+            found.append(f"model.labels {self.labels} must be 2 or more different names (or none)")
+        if (self.num_labels and self.pad_token_id < 0) or (
+            self.vocab_size and self.pad_token_id >= self.vocab_size
+        ):
+            found.append(
+                f"model.pad_token_id ({self.pad_token_id}) must be a token id of the vocabulary"
+            )
         for name in ("rope_theta", "norm_eps"):
             if not 0.0 < getattr(self, name) < float("inf"):
                 found.append(f"model.{name} is {getattr(self, name)}; it must be a positive number")

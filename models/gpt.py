@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from models.classification import classify
 from models.config import ModelConfig
 from models.generation import KVCache, causal_attention
 from models.loss import head_loss
@@ -66,9 +67,12 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.wte.weight
+        if config.num_labels:  # a classifier: class logits instead of next-token logits
+            self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+        else:
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            if config.tie_embeddings:
+                self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) so the stream keeps its size.
         for name, param in self.named_parameters():
@@ -93,7 +97,9 @@ class GPT(nn.Module):
     ) -> Tensor:
         """Token ids idx (batch, time) -> the summed loss against targets (batch, time) if given
         (see models.loss), else logits (batch, time, vocab) of the last logits_to_keep positions
-        (0: all; generation keeps 1)."""
+        (0: all; generation keeps 1). A classifier (config.num_labels) gives class logits
+        (batch, num_labels) at each row's last real token, or their summed loss against targets
+        (batch,) of labels (see models.classification)."""
         start = cache.length if cache is not None else 0
         if start + idx.size(1) > self.config.block_size:
             raise ValueError(
@@ -106,6 +112,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length = start + idx.size(1)
         x = self.ln_f(x)
+        if self.config.num_labels:
+            return classify(x, idx, self.score, self.config.pad_token_id, targets)
         if targets is not None:
             return head_loss(x, self.lm_head.weight, targets, self.config.loss_chunk)
         return self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)

@@ -2,9 +2,11 @@
 
     GPT   <->  GPT2LMHeadModel   (model_type "gpt2")
     Llama <->  LlamaForCausalLM  (model_type "llama")
+    classifiers (model.labels)  <->  GPT2ForSequenceClassification, LlamaForSequenceClassification
 
 Checkpoints are saved under transformers' names with a transformers config.json, so
-`AutoModelForCausalLM.from_pretrained(checkpoint_dir)` loads them; any GPT-2 or Llama model
+`AutoModelForCausalLM.from_pretrained(checkpoint_dir)` loads them (a classifier:
+`AutoModelForSequenceClassification`, with its labels and pad token); any GPT-2 or Llama model
 directory loads into our models the other way. Anything the mapping cannot represent exactly is
 refused with a UserError rather than loaded in part.
 """
@@ -70,6 +72,7 @@ LLAMA_NAMES = {
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
 SUPPORTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+CLASSIFIERS = {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification"}
 # config.json keys without which the model's shape is unknown.
 REQUIRED_KEYS = {
     "gpt2": ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"),
@@ -91,6 +94,9 @@ BASE_MODEL_PREFIX = {"gpt": "transformer", "llama": "model"}
 def name_pairs(config: ModelConfig) -> list[tuple[str, str | tuple[str, ...]]]:
     """(our name, transformers' name or names) for every parameter of a model of this config."""
     table = GPT2_NAMES if config.arch == "gpt" else LLAMA_NAMES
+    if config.num_labels:  # a classifier's head replaces the language-model head
+        table = {k: v for k, v in table.items() if k != "lm_head.weight"}
+        table["score.weight"] = "score.weight"
     pairs = []
     for ours, theirs in table.items():
         layers = range(config.n_layer) if "{i}" in ours else [None]
@@ -186,14 +192,19 @@ def from_hf_state(hf: dict[str, Tensor], config: ModelConfig, source: str) -> di
 
 def to_hf_config(config: ModelConfig, eos_token_id: int | None) -> dict:
     """transformers' config.json fields of a model of this config."""
+    model_type = "gpt2" if config.arch == "gpt" else "llama"
     common = {
-        "architectures": [SUPPORTED["gpt2" if config.arch == "gpt" else "llama"]],
+        "architectures": [(CLASSIFIERS if config.num_labels else SUPPORTED)[model_type]],
         "vocab_size": config.vocab_size,
         "tie_word_embeddings": config.tie_embeddings,
         "bos_token_id": eos_token_id,
         "eos_token_id": eos_token_id,
         "dtype": "float32",
     }
+    if config.num_labels:
+        common["id2label"] = dict(enumerate(config.labels))
+        common["label2id"] = {name: i for i, name in enumerate(config.labels)}
+        common["pad_token_id"] = config.pad_token_id
     if config.arch == "gpt":
         return {
             "model_type": "gpt2",
@@ -298,10 +309,15 @@ def from_hf_config(hf: dict, source: str) -> ModelConfig:
             rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
             norm_eps=hf.get("rms_norm_eps", 1e-6),
         )
+    if (hf.get("architectures") or [""])[0] == CLASSIFIERS[model_type]:
+        if hf.get("pad_token_id") is None:
+            _refuse(source, "a classifier without pad_token_id")
+        config.labels, config.pad_token_id = label_names(hf), hf["pad_token_id"]
     for name, kind in typing.get_type_hints(ModelConfig).items():
         value = getattr(config, name)
-        kinds = (int, float) if kind is float else kind
-        if not isinstance(value, kinds) or (isinstance(value, bool) and kind is not bool):
+        kinds = (int, float) if kind is float else typing.get_origin(kind) or kind
+        wrong = not isinstance(value, kinds) or (isinstance(value, bool) and kind is not bool)
+        if wrong or (kinds is list and not all(isinstance(item, str) for item in value)):
             raise UserError(
                 f"{source}: config.json gives {name} the value {value!r}, not a "
                 f"{kind.__name__}; restore the file or use another model"
@@ -309,6 +325,12 @@ def from_hf_config(hf: dict, source: str) -> ModelConfig:
     if config.problems():
         raise UserError(f"{source}: {config.problems()[0]}")
     return config
+
+
+def label_names(hf: dict) -> list[str]:
+    """A transformers classifier's class names, by class id (from config.json's id2label)."""
+    id2label = hf.get("id2label") or {}
+    return [id2label.get(str(i), id2label.get(i, f"LABEL_{i}")) for i in range(len(id2label))]
 
 
 def unpickling_cause(error: Exception) -> str:

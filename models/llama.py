@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from models.classification import classify
 from models.config import ModelConfig
 from models.generation import KVCache, causal_attention
 from models.gpt import GPT
@@ -108,9 +109,12 @@ class Llama(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.wte.weight
+        if config.num_labels:  # a classifier: class logits instead of next-token logits
+            self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+        else:
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            if config.tie_embeddings:
+                self.lm_head.weight = self.wte.weight
         # Derived from the config, so not saved with the weights.
         cos, sin = rotary_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -130,7 +134,9 @@ class Llama(nn.Module):
     ) -> Tensor:
         """Token ids idx (batch, time) -> the summed loss against targets (batch, time) if given
         (see models.loss), else logits (batch, time, vocab) of the last logits_to_keep positions
-        (0: all; generation keeps 1)."""
+        (0: all; generation keeps 1). A classifier (config.num_labels) gives class logits
+        (batch, num_labels) at each row's last real token, or their summed loss against targets
+        (batch,) of labels (see models.classification)."""
         start = cache.length if cache is not None else 0
         end = start + idx.size(1)
         if end > self.config.block_size:
@@ -144,6 +150,8 @@ class Llama(nn.Module):
         if cache is not None:
             cache.length = end
         x = self.norm_f(x)
+        if self.config.num_labels:
+            return classify(x, idx, self.score, self.config.pad_token_id, targets)
         if targets is not None:
             return head_loss(x, self.lm_head.weight, targets, self.config.loss_chunk)
         return self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)

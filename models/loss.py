@@ -1,4 +1,5 @@
-"""The training loss, written once for every model: summed token cross-entropy over real targets."""
+"""The training losses, written once for every model: summed cross-entropy over real targets
+(tokens of a language model, examples of a classifier)."""
 
 import torch
 from torch import Tensor
@@ -44,3 +45,10 @@ def head_loss(hidden: Tensor, head_weight: Tensor, targets: Tensor, chunk: int =
 
 def _chunk_loss(hidden: Tensor, head_weight: Tensor, targets: Tensor) -> Tensor:
     return token_loss(F.linear(hidden, head_weight), targets)
+
+
+def label_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Summed cross-entropy (in fp32) of class logits (batch, num_labels) against labels (batch,).
+    Summed like token_loss: each example is one target, so the trainer's count of real targets
+    is the number of examples and every example weighs the same."""
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")

@@ -309,6 +309,8 @@ class Case:
 FSDP = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
 TRAIN = ["--data.dir={adder}", *TINY_MODEL, "--max_steps=2", "--out_dir=out"]
 EVAL = ["--checkpoint={run}", "--task=adder", "--max_samples=8"]
+CLASSIFY = ["classify", "--input=in.csv"]
+labelled = write("in.csv", "review,label\n" + "".join(f"text {i},{i % 2}\n" for i in range(20)))
 GENERATE = ["--checkpoint={run}", "--prompt=12+34=", "--max_new_tokens=3", "--temperature=0"]
 BENCH = ["--data.dir={adder}", *TINY_MODEL, "--max_steps=1", "--steps=1", "--rounds=1"]
 
@@ -448,6 +450,20 @@ CASES: dict[str, Case] = {
         "no valid snapshot",
         run_copy(all_snapshot_manifests('{"files": ')),
     ),
+    "train-finetune-freeze-unknown": Case(
+        "train.py", [*TRAIN, "--finetune.freeze=all", "--init_from={run}"], "finetune.freeze"
+    ),
+    "train-finetune-train-blocks-negative": Case(
+        "train.py",
+        [*TRAIN, "--finetune.freeze=backbone", "--finetune.train_blocks=-1", "--init_from={run}"],
+        "finetune.train_blocks",
+    ),
+    "train-finetune-freeze-without-init-from": Case(
+        "train.py", [*TRAIN, "--finetune.freeze=backbone"], "init_from"
+    ),
+    "train-model-labels-on-a-language-model-set": Case(
+        "train.py", [*TRAIN, '--model.labels=["a", "b"]'], "model.labels"
+    ),
     "train-init-from-another-vocabulary": Case(
         "train.py", [*TRAIN, "--data.dir={text}", "--init_from={run}"], "tokenizer"
     ),
@@ -461,6 +477,9 @@ CASES: dict[str, Case] = {
     ),
     "evaluate-unknown-task": Case("evaluate.py", [*EVAL, "--task=addr"], "unknown task"),
     "evaluate-unknown-split": Case("evaluate.py", [*EVAL, "--split=bogus"], "bogus"),
+    "evaluate-classify-on-a-language-model": Case(
+        "evaluate.py", [*EVAL, "--task=classify"], "fine-tuning it"
+    ),
     "evaluate-data-of-another-vocabulary": Case(
         "evaluate.py", [*EVAL, "--task=loss", "--data_dir={text}"], "another vocabulary"
     ),
@@ -668,6 +687,31 @@ CASES: dict[str, Case] = {
     "generate-chat-with-a-prompt": Case("generate.py", [*GENERATE, "--chat"], "--prompt"),
     "generate-system-without-chat": Case(
         "generate.py", [*GENERATE, "--system=Be brief."], "add --chat"
+    ),
+    # prepare_data.py classify (issue 12's bad input)
+    "prepare-classify-one-class": Case(
+        "prepare_data.py", [*CLASSIFY], "at least 2", write("in.csv", "review,label\na,1\nb,1\n")
+    ),
+    "prepare-classify-text-column-not-text": Case(
+        "prepare_data.py", [*CLASSIFY], "not text", write("in.csv", "review,label\n1,0\n2,1\n")
+    ),
+    "prepare-classify-no-such-column": Case(
+        "prepare_data.py", [*CLASSIFY, "--label_column=stars"], "--label_column", labelled
+    ),
+    "prepare-classify-seed-negative": Case(
+        "prepare_data.py", [*CLASSIFY, "--seed=-1"], "--seed", labelled
+    ),
+    "prepare-classify-test-fraction-inf": Case(
+        "prepare_data.py", [*CLASSIFY, "--test_fraction=inf"], "--test_fraction", labelled
+    ),
+    "prepare-classify-context-zero": Case(
+        "prepare_data.py", [*CLASSIFY, "--context=0"], "--context", labelled
+    ),
+    "prepare-classify-pooling-unknown": Case(
+        "prepare_data.py", [*CLASSIFY, "--pooling=mean"], "--pooling", labelled
+    ),
+    "prepare-classify-min-char-count-zero": Case(
+        "prepare_data.py", [*CLASSIFY, "--min_char_count=0"], "--min_char_count", labelled
     ),
     # benchmark.py
     "benchmark-memory-and-generate": Case(

@@ -28,7 +28,10 @@ def accelerator() -> Accelerator:
 def save_sequence(tmp_path, keep_best: int, losses: list[float]):
     rotator = checkpoints.CheckpointRotator(tmp_path, keep_best)
     model, tokenizer = build_model(TINY), Tokenizer.from_chars("0123456789+=")
-    saved = [rotator.save(model, tokenizer, {}, step, loss) for step, loss in enumerate(losses, 1)]
+    saved = [
+        rotator.save(model, tokenizer, {}, step, {"val_loss": loss})
+        for step, loss in enumerate(losses, 1)
+    ]
     kept = {(loss, step) for loss, step, _ in rotator.kept()}
     return rotator, saved, kept
 

@@ -9,6 +9,8 @@
     val_metrics(meta, tokenizer, val_split, samples)
                                             -> what each evaluation in training adds to the val
                                                loss, as fn(model, accelerator) -> {name: value}
+    CHECKPOINT_METRIC                       the val score that ranks a run's checkpoints
+                                            (val_loss; classifiers: val_accuracy)
 
 A new data set or task is one new module added to MODULES.
 """
@@ -16,9 +18,9 @@ A new data set or task is one new module added to MODULES.
 from types import ModuleType
 
 from gptlab.errors import UserError
-from gptlab.tasks import arithmetic, chat, text
+from gptlab.tasks import arithmetic, chat, classify, text
 
-MODULES: tuple[ModuleType, ...] = (text, arithmetic, chat)
+MODULES: tuple[ModuleType, ...] = (text, arithmetic, chat, classify)
 
 
 def for_command(command: str) -> ModuleType:
@@ -42,4 +44,6 @@ def for_data_set(meta: dict) -> ModuleType:
     """The module whose data set this is (by the meta.json of a prepared set)."""
     if "chat" in meta:
         return chat
+    if meta.get("format") == "classify":
+        return classify
     return arithmetic if "task" in meta else text

@@ -125,6 +125,7 @@ def exact_matches(
 
 COMMANDS = {name: f"every pair of n-digit operands ({name}, exact match)" for name in OPERATORS}
 SCORES = {name: f"exact match of the whole answer ({name} data)" for name in OPERATORS}
+CHECKPOINT_METRIC = "val_loss"
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:

@@ -400,6 +400,7 @@ COMMANDS = {
     **{name: preset.about for name, preset in PRESETS.items()},
 }
 SCORES = {"loss": "mean token loss, perplexity and bits per byte (any data set)"}
+CHECKPOINT_METRIC = "val_loss"
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
