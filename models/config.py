@@ -83,9 +83,8 @@ class ModelConfig:
             found.append(f"model.loss_chunk ({self.loss_chunk}) must be 0 (off) or more")
         if self.num_labels == 1 or len(set(self.labels)) < self.num_labels:
             found.append(f"model.labels {self.labels} must be 2 or more different names (or none)")
-        if (self.num_labels and self.pad_token_id < 0) or (
-            self.vocab_size and self.pad_token_id >= self.vocab_size
-        ):
+        # A classifier's pad token comes from its data set (train.py checks model.labels there).
+        if self.pad_token_id < -1 or (self.vocab_size and self.pad_token_id >= self.vocab_size):
             found.append(
                 f"model.pad_token_id ({self.pad_token_id}) must be a token id of the vocabulary"
             )

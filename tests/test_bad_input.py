@@ -731,7 +731,7 @@ CASES: dict[str, Case] = {
         "benchmark.py", [*BENCH, "--optim.beta1=nan"], "optim.beta1"
     ),
     "benchmark-data-missing": Case(
-        "benchmark.py", [*BENCH, "--data.name=corpus", "--data.dir=nope"], "no prepared data set"
+        "benchmark.py", [*BENCH, "--data.name=corpus", "--data.dir=nope"], "no data set in nope"
     ),
     # plot.py
     "plot-no-training-events": Case(
