@@ -236,6 +236,10 @@ class LabelledSplit:
         rows = torch.from_numpy(tokens[indices, :width].astype(np.int64))
         return rows, torch.from_numpy(self.column("labels")[indices].astype(np.int64))
 
+    def target_count(self, indices: np.ndarray) -> int:
+        """Targets of these examples: one label each."""
+        return len(indices)
+
 
 Split = StreamSplit | ExampleSplit | LabelledSplit
 

@@ -419,6 +419,7 @@ def describe(meta: dict) -> str:
 
 COMMANDS = {"chat": "conversations (ShareGPT, OpenAI messages, Alpaca) for chat fine-tuning"}
 SCORES: dict[str, str] = {}
+CHECKPOINT_METRIC = "val_loss"
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
