@@ -313,6 +313,7 @@ def benchmark_memory(config, name: str, overrides: dict, args, accelerator: Acce
         )
 
     figures = memory_figures(ours, model, optimizer, accelerator, step_samples)
+    reader.close()
     report_memory(name, step_tokens, figures, accelerator, args.output)
 
 
@@ -388,6 +389,7 @@ def benchmark_training(config, name: str, overrides: dict, args, accelerator: Ac
     for _ in range(args.rounds):
         times["train.py"].append(timed_round(ours))
         times["bare"].append(timed_round(bare))
+    reader.close()
     ours_s, bare_s = statistics.median(times["train.py"]), statistics.median(times["bare"])
     result = {
         "config": name,

@@ -136,6 +136,7 @@ def main(argv: list[str]) -> None:
             window.restart()  # evaluation time is not training throughput
 
     bar.close()
+    run.reader.close()
     if run.stop_reason:
         run.log.say(run.stop_reason, progress.step)
     elapsed = timedelta(seconds=round(run.snapshots.elapsed()))

@@ -529,6 +529,12 @@ class BatchReader:
         self.pending = (key, self.worker.submit(self.read, *key))
         return batches
 
+    def close(self) -> None:
+        """Let the read ahead finish and stop the thread: a thread still reading while the
+        process group and the interpreter shut down can abort the process."""
+        self.worker.shutdown(wait=True)
+        self.pending = None
+
 
 def train_step(
     model: torch.nn.Module,

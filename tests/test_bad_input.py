@@ -850,6 +850,12 @@ def test_plot_skips_a_half_written_last_line_with_a_warning(tmp_path):
 LONG_RUN = [*RUN_ARGS, "--max_steps=100000", "--macro_batch_steps=3", "--log_interval=1"]
 
 
+def default_ctrl_c() -> None:
+    """In the child: Ctrl-C as in a terminal. A suite started in the background by a shell
+    (`cmd &`) inherits SIGINT ignored, and Python would then never raise KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt_when(process: subprocess.Popen, output, seen: Callable[[str], bool]) -> str:
     """Read the process's output until seen(text) holds, then send SIGINT; return everything."""
     text, deadline, interrupted = "", time.monotonic() + 300, False
@@ -882,6 +888,7 @@ def test_ctrl_c_under_the_progress_bar_says_which_snapshot_a_rerun_continues_fro
         [sys.executable, str(REPO / "train.py"), *args],
         cwd=tmp_path,
         env=environment,
+        preexec_fn=default_ctrl_c,
         stdin=terminal,
         stdout=terminal,
         stderr=terminal,
@@ -925,6 +932,7 @@ def test_ctrl_c_without_a_terminal_is_one_line_on_stderr_and_the_rerun_continues
         [sys.executable, str(REPO / "train.py"), *args],
         cwd=tmp_path,
         env=environment,
+        preexec_fn=default_ctrl_c,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
