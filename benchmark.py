@@ -292,16 +292,22 @@ def model_and_data(config, overrides: dict, args, accelerator: Accelerator) -> t
     return model, split, sampler, random_tokens
 
 
-def benchmark_memory(config, name: str, overrides: dict, args, accelerator: Accelerator) -> None:
-    config.activation_checkpointing = True  # the wrappers, switched off and on below
-    model, split, sampler, _ = model_and_data(config, overrides, args, accelerator)
+def train_py_step(
+    model,
+    optimizer,
+    accelerator: Accelerator,
+    reader: BatchReader,
+    config,
+    schedules: RunSchedules | None = None,
+    sample_length: int = 0,
+):
+    """train.py's optimizer step at a sampler position: the schedules' settings (when given),
+    this process's micro-batches from the reader, and train_step."""
     accum = round(config.grad_accum.peak)
-    step_samples = config.batch_size * accum * accelerator.num_processes
-    step_tokens = step_samples * split.fetch(np.array([0]))[0].size(1)
-    reader = BatchReader(sampler, split, config.batch_size, accelerator)
-    model, optimizer = sharding.prepare(accelerator, model, make_optimizer(model, config), config)
 
-    def ours(position: int) -> None:  # train.py's optimizer step
+    def step(position: int) -> None:
+        if schedules is not None:
+            apply_settings(optimizer, schedules.at(position * sample_length))
         batches = reader(position, accum)
         train_step(
             model,
@@ -312,6 +318,19 @@ def benchmark_memory(config, name: str, overrides: dict, args, accelerator: Acce
             step_targets=batches.targets,
         )
 
+    return step
+
+
+def benchmark_memory(config, name: str, overrides: dict, args, accelerator: Accelerator) -> None:
+    config.activation_checkpointing = True  # the wrappers, switched off and on below
+    model, split, sampler, _ = model_and_data(config, overrides, args, accelerator)
+    accum = round(config.grad_accum.peak)
+    step_samples = config.batch_size * accum * accelerator.num_processes
+    step_tokens = step_samples * split.fetch(np.array([0]))[0].size(1)
+    reader = BatchReader(sampler, split, config.batch_size, accelerator)
+    model, optimizer = sharding.prepare(accelerator, model, make_optimizer(model, config), config)
+
+    ours = train_py_step(model, optimizer, accelerator, reader, config)
     figures = memory_figures(ours, model, optimizer, accelerator, step_samples)
     reader.close()
     report_memory(name, step_tokens, figures, accelerator, args.output)
@@ -330,18 +349,7 @@ def benchmark_training(config, name: str, overrides: dict, args, accelerator: Ac
 
     model, optimizer = sharding.prepare(accelerator, model, make_optimizer(model, config), config)
 
-    def ours(position: int) -> None:
-        settings = schedules.at(position * sample_length)
-        apply_settings(optimizer, settings)
-        batches = reader(position, accum)
-        train_step(
-            model,
-            optimizer,
-            accelerator,
-            batches.micro_batches,
-            config.optim.grad_clip,
-            step_targets=batches.targets,
-        )
+    ours = train_py_step(model, optimizer, accelerator, reader, config, schedules, sample_length)
 
     def timed_round(step_fn) -> float:
         synchronize()
