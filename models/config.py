@@ -27,6 +27,8 @@ class ModelConfig:
     """GPT: biases in Linear and LayerNorm layers (GPT-2 has them). Llama never uses biases."""
     tie_embeddings: bool = True
     """Share the token embedding matrix with the output layer."""
+    activation: str = "gelu_tanh"
+    """GPT: the MLP's GELU, "gelu_tanh" (GPT-2's tanh approximation) or "gelu" (exact, as nanoGPT uses; its forward and backward cost less on a CPU). Llama ignores it: its MLP is SwiGLU."""
     mlp_hidden: int = 0
     """Hidden width of the MLP; 0 means 4*n_embd for GPT and the SwiGLU default for Llama."""
     rope_theta: float = 10000.0
@@ -73,6 +75,8 @@ class ModelConfig:
             found.append("model.n_kv_head (grouped-query attention) needs model.arch='llama'")
         if self.arch == "llama" and self.head_dim % 2:
             found.append("model.n_embd / model.n_head must be even for rotary embeddings")
+        if self.activation not in ("gelu_tanh", "gelu"):
+            found.append(f"model.activation is {self.activation!r}; use 'gelu_tanh' or 'gelu'")
         if not 0.0 <= self.dropout < 1.0:
             found.append(f"model.dropout ({self.dropout}) must be in [0, 1)")
         if self.vocab_size < 0 or self.mlp_hidden < 0:

@@ -73,6 +73,10 @@ IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
 SUPPORTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 CLASSIFIERS = {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification"}
+# GPT-2's activation_function for our model.activation, and back ("gelu_pytorch_tanh" is the
+# same tanh approximation as "gelu_new").
+HF_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
+FROM_HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 # config.json keys without which the model's shape is unknown.
 REQUIRED_KEYS = {
     "gpt2": ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"),
@@ -214,7 +218,7 @@ def to_hf_config(config: ModelConfig, eos_token_id: int | None) -> dict:
             "n_layer": config.n_layer,
             "n_head": config.n_head,
             "n_inner": config.mlp_hidden or None,
-            "activation_function": "gelu_new",  # the tanh approximation our GPT uses
+            "activation_function": HF_ACTIVATIONS[config.activation],
             "resid_pdrop": config.dropout,
             "embd_pdrop": config.dropout,
             "attn_pdrop": config.dropout,
@@ -261,8 +265,9 @@ def from_hf_config(hf: dict, source: str) -> ModelConfig:
             f"{model_type} config (restore the file or use another model)"
         )
     if model_type == "gpt2":
-        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            _refuse(source, f"activation_function {hf['activation_function']!r}")
+        activation = hf.get("activation_function", "gelu_new")
+        if activation not in FROM_HF_ACTIVATIONS:
+            _refuse(source, f"activation_function {activation!r}")
         for key, wanted in (
             ("scale_attn_weights", True),
             ("scale_attn_by_inverse_layer_idx", False),
@@ -281,6 +286,7 @@ def from_hf_config(hf: dict, source: str) -> ModelConfig:
             bias=True,
             tie_embeddings=hf.get("tie_word_embeddings", True),
             mlp_hidden=hf.get("n_inner") or 0,
+            activation=FROM_HF_ACTIVATIONS[activation],
             norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         )
     else:

@@ -357,6 +357,9 @@ CASES: dict[str, Case] = {
         "train.py", [*TRAIN, "--model.arch=llama", "--model.rope_theta=0"], "model.rope_theta"
     ),
     "train-norm-eps-inf": Case("train.py", [*TRAIN, "--model.norm_eps=inf"], "model.norm_eps"),
+    "train-unknown-activation": Case(
+        "train.py", [*TRAIN, "--model.activation=relu"], "model.activation is 'relu'"
+    ),
     "train-min-delta-nan": Case(
         "train.py", [*TRAIN, "--early_stop.min_delta=nan"], "early_stop.min_delta"
     ),

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch.nn import functional as F
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -106,6 +107,30 @@ def test_our_checkpoint_of_each_architecture_loads_in_transformers(tmp_path):
         reloaded = load_checkpoint(tmp_path / arch)
         assert reloaded.model.config == config
         assert torch.equal(reloaded.model(ids), model(ids))
+
+
+def test_exact_gelu_gpt_exports_as_gelu_and_loads_back_as_it(tmp_path):
+    from models import ModelConfig, build_model
+
+    tokenizer = Tokenizer.from_chars(PROMPT + "xyz")
+    ids = torch.tensor([tokenizer.encode(PROMPT)])
+    config = ModelConfig(vocab_size=40, n_layer=2, n_head=4, n_embd=32, activation="gelu")
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    save_checkpoint(tmp_path / "gelu", model, tokenizer, {}, {"step": 1, "val_loss": 1.0})
+    hf_config = json.loads((tmp_path / "gelu" / "config.json").read_text())
+    assert hf_config["activation_function"] == "gelu"
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "gelu").eval()
+    x = torch.linspace(-4, 4, 801)
+    with torch.no_grad():
+        assert (theirs(ids).logits - model(ids)).abs().max().item() <= 1e-4
+        # transformers applies exact GELU, which differs from the tanh approximation by up to 5e-4
+        their_activation = theirs.transformer.h[0].mlp.act(x)
+        assert (their_activation - F.gelu(x)).abs().max().item() <= 1e-6
+        assert (their_activation - F.gelu(x, approximate="tanh")).abs().max().item() > 1e-4
+    reloaded = load_checkpoint(tmp_path / "gelu")
+    assert reloaded.model.config.activation == "gelu"
+    assert torch.equal(reloaded.model(ids), model(ids))
 
 
 def test_character_vocabulary_decodes_back_to_the_text_in_transformers(tmp_path):
