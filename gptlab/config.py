@@ -97,6 +97,8 @@ class OptimConfig:
     """Muon: its learning rate is the lr schedule's value times this (the schedule's value is AdamW's)."""
     muon_momentum: float = 0.95
     """Muon: momentum (Nesterov) of its updates."""
+    muon_ns_steps: int = 5
+    """Muon: Newton-Schulz iterations that orthogonalise each update (fewer cost less, orthogonalise less exactly)."""
 
     def problems(self) -> list[str]:
         found = [
@@ -116,6 +118,8 @@ class OptimConfig:
             found.append(f"optim.muon_lr_scale is {self.muon_lr_scale}; it must be positive")
         if not 0.0 <= self.muon_momentum < 1.0:
             found.append(f"optim.muon_momentum is {self.muon_momentum}; it must be in [0, 1)")
+        if not 1 <= self.muon_ns_steps <= 20:
+            found.append(f"optim.muon_ns_steps is {self.muon_ns_steps}; use 1 to 20 (default 5)")
         return found
 
 

@@ -21,9 +21,6 @@ from gptlab.config import Config, OptimConfig
 from gptlab.errors import UserError
 from models import optimizer_groups
 
-GROUP_SETTINGS = ("lr_scale", "decay")
-"""Keys of our own in each parameter group: set from the config, never from a snapshot."""
-
 
 class Muon(torch.optim.Muon):
     """torch.optim.Muon (same options, state and update), orthogonalising in float32 on a CPU.
@@ -143,17 +140,23 @@ def build_optimizer(
             "lr_scale": scale,
             "decay": True,
         }
-        muon = {"momentum": options.muon_momentum, "nesterov": True}
+        muon = {
+            "momentum": options.muon_momentum,
+            "nesterov": True,
+            "ns_steps": options.muon_ns_steps,
+        }
         optimizer = MuonWithAdamW([muon_group], [decayed, not_decayed], muon, adamw)
     optimizer.register_load_state_dict_pre_hook(keep_group_settings)
     return optimizer
 
 
 def keep_group_settings(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
-    """Loading a snapshot replaces the groups with the saved ones: keep the live lr_scale and
-    decay (from this run's config; snapshots of older versions have none)."""
+    """Loading a snapshot replaces the groups with the saved ones: keep the live settings (our
+    lr_scale and decay, betas, Muon's momentum and ns_steps...), which come from this run's config,
+    so that a setting changed on resume takes effect as the log says; lr and weight decay are set
+    from the schedules before every step anyway. Only the saved parameter ids are kept."""
     for live, saved in zip(optimizer.param_groups, state_dict["param_groups"]):
-        saved.update({key: live[key] for key in GROUP_SETTINGS})
+        saved.update({key: value for key, value in live.items() if key != "params"})
     return state_dict
 
 

@@ -129,6 +129,23 @@ def test_muon_state_saves_and_loads_so_training_continues_exactly():
         assert mine.equal(reference)
 
 
+def test_optimizer_settings_changed_on_resume_take_effect():
+    model = small_model()
+    optimizer = build_optimizer(model, OptimConfig(name="muon"), 1e-3, 0.1)
+    train(model, optimizer, 2)
+    changed = OptimConfig(name="muon", beta2=0.99, muon_momentum=0.9, muon_ns_steps=3)
+    resumed = build_optimizer(copy.deepcopy(model), changed, 1e-3, 0.1)
+    resumed.load_state_dict(optimizer.state_dict())
+    muon_group, *adamw_groups = resumed.param_groups
+    assert (muon_group["momentum"], muon_group["ns_steps"]) == (0.9, 3)
+    assert all(group["betas"] == (0.9, 0.99) for group in adamw_groups)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    resumed_params = [p for group in resumed.param_groups for p in group["params"]]
+    for param, resumed_param in zip(params, resumed_params):  # moments and momentum come back
+        saved, loaded = optimizer.state[param], resumed.state[resumed_param]
+        assert saved and all(torch.equal(loaded[key], value) for key, value in saved.items())
+
+
 def test_muon_lowers_the_loss_of_a_small_model():
     model = small_model()
     optimizer = build_optimizer(model, OptimConfig(name="muon"), 1e-2, 0.0)
