@@ -6,10 +6,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from models.classification import classify
 from models.config import ModelConfig
 from models.generation import KVCache, causal_attention
-from models.loss import head_loss
+from models.output import add_output_layer, output
 
 
 class CausalSelfAttention(nn.Module):
@@ -68,12 +67,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
-        if config.num_labels:  # a classifier: class logits instead of next-token logits
-            self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
-        else:
-            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-            if config.tie_embeddings:
-                self.lm_head.weight = self.wte.weight
+        add_output_layer(self, config)
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) so the stream keeps its size.
         for name, param in self.named_parameters():
@@ -112,9 +106,4 @@ class GPT(nn.Module):
             x = block(x, cache)
         if cache is not None:
             cache.length = start + idx.size(1)
-        x = self.ln_f(x)
-        if self.config.num_labels:
-            return classify(x, idx, self.score, self.config.pad_token_id, targets)
-        if targets is not None:
-            return head_loss(x, self.lm_head.weight, targets, self.config.loss_chunk)
-        return self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
+        return output(self, self.ln_f(x), idx, targets, logits_to_keep)

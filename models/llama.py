@@ -17,11 +17,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from models.classification import classify
 from models.config import ModelConfig
 from models.generation import KVCache, causal_attention
 from models.gpt import GPT
-from models.loss import head_loss
+from models.output import add_output_layer, output
 
 
 def swiglu_hidden(config: ModelConfig) -> int:
@@ -109,12 +108,7 @@ class Llama(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
-        if config.num_labels:  # a classifier: class logits instead of next-token logits
-            self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
-        else:
-            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-            if config.tie_embeddings:
-                self.lm_head.weight = self.wte.weight
+        add_output_layer(self, config)
         # Derived from the config, so not saved with the weights.
         cos, sin = rotary_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -149,9 +143,4 @@ class Llama(nn.Module):
             x = block(x, cos, sin, cache)
         if cache is not None:
             cache.length = end
-        x = self.norm_f(x)
-        if self.config.num_labels:
-            return classify(x, idx, self.score, self.config.pad_token_id, targets)
-        if targets is not None:
-            return head_loss(x, self.lm_head.weight, targets, self.config.loss_chunk)
-        return self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
+        return output(self, self.norm_f(x), idx, targets, logits_to_keep)

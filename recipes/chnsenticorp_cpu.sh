@@ -65,6 +65,6 @@ for run in runs:
     print(
         f"| {run} | {data['pooling']} | {trains} | {scores['accuracy']:.2%} "
         f"({scores['correct']} of {scores['total']}) | {scores['macro_f1']:.4f} | "
-        f"{done.split(' in ')[-1].split(';')[0]} |"
+        f"{done.split(' tokens in ')[1].split(';')[0]} |"
     )
 PY
