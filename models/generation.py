@@ -39,12 +39,11 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout: float) -> Tensor:
         return nn.functional.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=q.size(1) != k.size(1)
         )
-    if n_new == 1:  # decoding one token: it sees every position, so no mask to build
-        return nn.functional.scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout, enable_gqa=q.size(1) != k.size(1)
-        )
-    # Decoding with a cache: new position i may see every past position and new ones up to i.
-    mask = torch.ones(n_new, n_all, dtype=torch.bool, device=q.device).tril(n_all - n_new)
+    # Decoding with a cache: new position i may see every past position and new ones up to i
+    # (one new token sees every position, so it needs no mask at all).
+    mask = None
+    if n_new > 1:
+        mask = torch.ones(n_new, n_all, dtype=torch.bool, device=q.device).tril(n_all - n_new)
     return nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=q.size(1) != k.size(1)
     )
