@@ -108,7 +108,7 @@ def test_splits_are_stratified_by_label_and_seeded(reviews, tmp_path):
     assert (again / "test.bin").read_bytes() == test != (other / "test.bin").read_bytes()
 
 
-def test_long_texts_keep_their_end_or_start_and_are_counted(reviews, tmp_path):
+def test_long_texts_keep_their_start_end_or_both_and_are_counted(reviews, tmp_path):
     meta = read_meta(reviews)
     assert meta["truncated"]["train"] > 1000  # a context of 64: most reviews are longer
     tokenizer = Tokenizer.load(reviews)
@@ -122,11 +122,11 @@ def test_long_texts_keep_their_end_or_start_and_are_counted(reviews, tmp_path):
     csv = write_csv(
         tmp_path / "long.csv", [(long_text, 0), *((f"短{i}", i % 2) for i in range(30))]
     )
-    for keep, kept in (("start", "1短短"), ("end", "短短2")):
+    kept = {"start": "1" + "短" * 9, "end": "短" * 9 + "2", "both": "1" + "短" * 8 + "2"}
+    for keep, expected in kept.items():
         out = prepare_classify(str(csv), tmp_path / keep, context=10, keep=keep)
         texts = [t for split in SPLITS for t in split_texts(out, split)]
-        (cut,) = [t for t in texts if len(t) == 10]
-        assert cut.startswith(kept) if keep == "start" else cut.endswith(kept)
+        assert [t for t in texts if len(t) == 10] == [expected]
         assert sum(read_meta(out)["truncated"].values()) == 1
 
 
