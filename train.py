@@ -4,6 +4,7 @@
     accelerate launch --config_file configs/accelerate/fsdp.yaml train.py --config ...   # sharded
     python train.py --config configs/adder.json --max_steps=500
     python train.py --help                       # every config key with its documentation
+    python train.py --average RUN/latest RUN2/latest --out_dir DIR   # their mean (gptlab.averaging)
 
 A run is a sequence of optimizer steps grouped into macro-batches of `macro_batch_steps`. Each
 optimizer step accumulates gradients over `grad_accum` micro-batches (a schedule, so the batch can
@@ -23,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from gptlab import checkpoints, errors, nodes, sharding, snapshots, tracking
+from gptlab import averaging, checkpoints, errors, nodes, sharding, snapshots, tracking
 from gptlab.config import Config, help_text, load_config
 from gptlab.errors import UserError, run_cli
 from gptlab.evaluation import Evaluator
@@ -51,6 +52,9 @@ from models import count_parameters
 
 
 def main(argv: list[str]) -> None:
+    if "--average" in argv:  # not training: one checkpoint from several (a "model soup")
+        averaging.main([arg for arg in argv if arg != "--average"])
+        return
     if {"-h", "--help"} & set(argv):
         print(__doc__ + "\nConfig keys (JSON file or --key=value):\n" + help_text())
         return

@@ -349,6 +349,35 @@ def test_a_tiny_classifier_beats_the_majority_class_and_transformers_agrees(revi
 
 
 @pytest.mark.slow
+def test_fine_tunes_of_one_model_averaged_are_a_classifier(reviews, tmp_path):
+    """The recipe's model soup in small: one base, two fine-tunes that differ in their seed, the
+    mean of their final weights scored like any checkpoint."""
+    train = ["train.py", f"--data.dir={reviews}", *TINY_CLASSIFIER]
+    run_script(*train, "--max_steps=100", "--out_dir=base", cwd=tmp_path)
+    for seed in (2, 3):
+        run_script(
+            *train, "--init_from=base", "--max_steps=50", f"--seed={seed}", "--keep_best=0",
+            f"--out_dir=seed{seed}", cwd=tmp_path,
+        )  # fmt: skip
+    run_script(
+        "train.py", "--average", "seed2/latest", "seed3/latest", "--out_dir=soup", cwd=tmp_path
+    )
+    scores = {}
+    for name in ("seed2/latest", "seed3/latest", "soup"):
+        output = tmp_path / f"{name.split('/')[0]}.json"
+        run_script(
+            "evaluate.py", "--task=classify", f"--checkpoint={name}", f"--output={output}",
+            cwd=tmp_path,
+        )  # fmt: skip
+        scores[name] = json.loads(output.read_text())
+    soup, seeds = scores.pop("soup"), list(scores.values())
+    assert soup["total"] == 776 and soup["majority_class_accuracy"] == pytest.approx(532 / 776)
+    assert soup["accuracy"] > soup["majority_class_accuracy"] + 0.03, soup["accuracy"]
+    # Fine-tunes of one model sit in one basin: their mean is no worse than the weaker of them.
+    assert soup["accuracy"] >= min(s["accuracy"] for s in seeds) - 0.02, (soup, seeds)
+
+
+@pytest.mark.slow
 def test_a_language_model_fine_tuned_with_a_frozen_backbone(reviews, tmp_path):
     """Pretrain on the training reviews, then train only the head and the final norm."""
     lm_data, data = tmp_path / "lm_data", tmp_path / "cls"
