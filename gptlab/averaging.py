@@ -25,10 +25,11 @@ from gptlab.errors import UserError
 
 def is_average(directory: Path) -> bool:
     """A checkpoint written by average_checkpoints (a later average may replace it)."""
-    config = directory / "config.json"
-    return (directory / MODEL_FILE).is_file() and "averaged_from" in json.loads(
-        config.read_text() if config.is_file() else "{}"
-    )
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):  # none, or not ours to replace: refused as not empty
+        return False
+    return (directory / MODEL_FILE).is_file() and "averaged_from" in config
 
 
 def average_checkpoints(sources: list[str], out_dir: Path) -> Path:

@@ -68,18 +68,23 @@ def test_averaging_refuses_what_is_not_one_model_and_writes_nothing(tmp_path):
     save_classifier(tmp_path / "wide", 3, n_embd=32)
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    (tmp_path / "broken").mkdir()  # a config.json that is not JSON is no average of ours
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    (tmp_path / "broken" / "model.safetensors").write_text("")
     refusals = [
         (["a", "wide"], "out", "/a in model.n_embd"),
         (["a"], "out", "at least two checkpoints"),
         (["a", "missing"], "out", "missing does not exist"),
         (["a", "b"], "notes", "not empty and does not hold a weight average"),
         (["a", "b"], "b", "overlaps"),
+        (["a", "b"], "broken", "not empty and does not hold a weight average"),
     ]
     for sources, out, message in refusals:
         with pytest.raises(UserError, match=message):
             average_checkpoints([str(tmp_path / s) for s in sources], tmp_path / out)
     assert not (tmp_path / "out").exists()
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+    assert (tmp_path / "broken" / "config.json").read_text() == "{not json"
     assert load_checkpoint(tmp_path / "b").info["step"] == 2
 
     result = run_script(

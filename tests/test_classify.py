@@ -350,7 +350,7 @@ def test_a_tiny_classifier_beats_the_majority_class_and_transformers_agrees(revi
 
 @pytest.mark.slow
 def test_fine_tunes_of_one_model_averaged_are_a_classifier(reviews, tmp_path):
-    """The recipe's model soup in small: one base, two fine-tunes that differ in their seed, the
+    """The README's model soup in small: one base, two fine-tunes that differ in their seed, the
     mean of their final weights scored like any checkpoint."""
     train = ["train.py", f"--data.dir={reviews}", *TINY_CLASSIFIER]
     run_script(*train, "--max_steps=100", "--out_dir=base", cwd=tmp_path)
