@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# ChnSentiCorp hotel-review sentiment on a CPU: a small character-level GPT is pretrained on the
-# training reviews (next character), then fine-tuned as a classifier; prints its test accuracy.
+# ChnSentiCorp hotel-review sentiment on a CPU: a character-level GPT is pretrained on the
+# training reviews (next character), fine-tuned as a classifier three times (seeds 2 to 4), and
+# the three fine-tunes' weights are averaged into one classifier; prints its test accuracy.
 #
 #   recipes/chnsenticorp_cpu.sh                # the classifier in $OUT_ROOT/chnsenticorp_cpu
 #   ABLATION=1 recipes/chnsenticorp_cpu.sh     # and the README's ablation: pooling x freezing
@@ -10,40 +11,62 @@ set -euo pipefail
 DATA_ROOT=${DATA_ROOT:-data}
 OUT_ROOT=${OUT_ROOT:-out}
 CSV=${SHARED_DATA:-../shared/data}/chnsenticorp/ChnSentiCorp_htl_all.csv
+KEEP=start
 
-# The data: texts of at most 128 characters (the language model's context; longer reviews keep
-# their start), one seeded 80/10/10 split (stratified by label) shared by every run; the language
-# model's data are the same training and val reviews, with the same character vocabulary.
-if [ ! -f "$DATA_ROOT/chnsenticorp/meta.json" ]; then
-  python prepare_data.py chnsenticorp --input "$CSV" --out_dir "$DATA_ROOT/chnsenticorp" \
-    --context 128 --lm_dir "$DATA_ROOT/chnsenticorp_lm" --overwrite
+# The data: texts of at most 128 characters (the language model's context) each followed by
+# <|endoftext|>, where the classifier pools; of a longer review the start is kept. One seeded
+# 80/10/10 split (stratified by label) is shared by every run; the language model's data are the
+# same training and val reviews, whole, with the same character vocabulary.
+if [ ! -f "$DATA_ROOT/chnsenticorp_eot/meta.json" ]; then
+  python prepare_data.py chnsenticorp --input "$CSV" --out_dir "$DATA_ROOT/chnsenticorp_eot" \
+    --context 128 --pooling eot --keep "$KEEP" --lm_dir "$DATA_ROOT/chnsenticorp_lm" --overwrite
 fi
 
-# 1. Pretrain: a 4-layer character GPT learns to continue the training reviews.
+# 1. Pretrain: a 4-layer character GPT learns to continue the training reviews: 900 steps, then
+#    1,200 more from those weights at half the peak learning rate (a second cosine cycle).
 python train.py --config configs/chnsenticorp_lm_cpu.json \
   --data.dir="$DATA_ROOT/chnsenticorp_lm" --out_dir="$OUT_ROOT/chnsenticorp_lm_cpu"
+python train.py --config configs/chnsenticorp_lm_cpu_cont.json \
+  --data.dir="$DATA_ROOT/chnsenticorp_lm" --init_from="$OUT_ROOT/chnsenticorp_lm_cpu" \
+  --out_dir="$OUT_ROOT/chnsenticorp_lm_cpu_cont"
 
-# 2. Fine-tune as a classifier (its best checkpoint by val accuracy), then score the test split.
+# 2. Fine-tune it as a classifier; score a run's best checkpoint by val accuracy on test.
 finetune() {  # run name, data set, extra config flags
   python train.py --config configs/chnsenticorp_cpu.json --data.dir="$DATA_ROOT/$2" \
-    --init_from="$OUT_ROOT/chnsenticorp_lm_cpu" --out_dir="$OUT_ROOT/$1" "${@:3}"
+    --init_from="$OUT_ROOT/chnsenticorp_lm_cpu_cont" --out_dir="$OUT_ROOT/$1" "${@:3}"
+  score "$1"
+}
+score() {  # run or checkpoint directory under $OUT_ROOT
   python evaluate.py --task classify --checkpoint "$OUT_ROOT/$1" --split test \
     --output "$OUT_ROOT/$1/test.json"
 }
-finetune chnsenticorp_cpu chnsenticorp
-RUNS=(chnsenticorp_cpu)
+
+# 3. Three fine-tunes with dropout 0.1 that differ only in their seed, every checkpoint kept; the
+#    mean of their final weights (a "model soup", see the README's Averaging) is the classifier.
+SOUP=()
+for seed in 2 3 4; do
+  finetune "chnsenticorp_cpu_seed$seed" chnsenticorp_eot --model.dropout=0.1 --seed="$seed" \
+    --keep_best=0
+  SOUP+=("$OUT_ROOT/chnsenticorp_cpu_seed$seed/latest")
+done
+python train.py --average "${SOUP[@]}" --out_dir "$OUT_ROOT/chnsenticorp_cpu"
+score chnsenticorp_cpu
+python evaluate.py --task classify --checkpoint "$OUT_ROOT/chnsenticorp_cpu" --split val \
+  --output "$OUT_ROOT/chnsenticorp_cpu/val.json" >/dev/null
+RUNS=(chnsenticorp_cpu_seed2 chnsenticorp_cpu_seed3 chnsenticorp_cpu_seed4)
 
 if [ "${ABLATION:-0}" = 1 ]; then
-  # The same reviews and split, each text followed by <|endoftext|>, where the head pools.
-  if [ ! -f "$DATA_ROOT/chnsenticorp_eot/meta.json" ]; then
-    python prepare_data.py chnsenticorp --input "$CSV" --out_dir "$DATA_ROOT/chnsenticorp_eot" \
-      --context 128 --pooling eot --overwrite
+  # The same reviews and split without the end-of-text token: the head pools at the last
+  # character. And each pooling with the backbone frozen: only the head and final norm train.
+  if [ ! -f "$DATA_ROOT/chnsenticorp/meta.json" ]; then
+    python prepare_data.py chnsenticorp --input "$CSV" --out_dir "$DATA_ROOT/chnsenticorp" \
+      --context 128 --keep "$KEEP" --overwrite
   fi
-  FROZEN=(--finetune.freeze=backbone --finetune.train_blocks=0 --lr.peak=3e-3)
-  finetune chnsenticorp_cpu_eot chnsenticorp_eot
-  finetune chnsenticorp_cpu_frozen chnsenticorp "${FROZEN[@]}"
+  FROZEN=(--finetune.freeze=backbone --finetune.train_blocks=0 --lr.peak=3e-3 --seed=2)
+  finetune chnsenticorp_cpu_last chnsenticorp --model.dropout=0.1 --seed=2
   finetune chnsenticorp_cpu_eot_frozen chnsenticorp_eot "${FROZEN[@]}"
-  RUNS+=(chnsenticorp_cpu_eot chnsenticorp_cpu_frozen chnsenticorp_cpu_eot_frozen)
+  finetune chnsenticorp_cpu_last_frozen chnsenticorp "${FROZEN[@]}"
+  RUNS+=(chnsenticorp_cpu_last chnsenticorp_cpu_eot_frozen chnsenticorp_cpu_last_frozen)
 fi
 
 python - "$OUT_ROOT" "${RUNS[@]}" <<'PY'
@@ -51,20 +74,39 @@ import json, sys
 from pathlib import Path
 
 out_root, runs = Path(sys.argv[1]), sys.argv[2:]
-pretrain = [json.loads(l) for l in (out_root / "chnsenticorp_lm_cpu/metrics.jsonl").open()]
-print(f"pretraining: {pretrain[-1]['message']}")
+read = lambda path: json.loads(path.read_text())
+last_message = lambda run: list((out_root / run / "metrics.jsonl").open())[-1]
+for stage in ("chnsenticorp_lm_cpu", "chnsenticorp_lm_cpu_cont"):
+    print(f"pretraining, {stage}: {json.loads(last_message(stage))['message']}")
+
+
+def seconds(run: str) -> int:
+    """The training time of a run, from its last message: "... tokens in H:MM:SS; ..."."""
+    clock = json.loads(last_message(run))["message"].split(" tokens in ")[1].split(";")[0]
+    hours, minutes, secs = (int(part) for part in clock.split(":"))
+    return 3600 * hours + 60 * minutes + secs
+
+
+def row(name: str, run: str, pooling: str, trains: str, time: str) -> str:
+    scores = read(out_root / run / "test.json")
+    return (
+        f"| {name} | {pooling} | {trains} | {scores['accuracy']:.2%} "
+        f"({scores['correct']} of {scores['total']}) | {scores['macro_f1']:.4f} | {time} |"
+    )
+
+
+clock = lambda total: f"{total // 3600}:{total % 3600 // 60:02d}:{total % 60:02d}"
 print("| run | pooling | trains | test accuracy | macro F1 | training time |")
 print("| --- | --- | --- | --- | --- | --- |")
+seeds = [run for run in runs if "_seed" in run]
+val = read(out_root / "chnsenticorp_cpu/val.json")["accuracy"]
+print(row(f"chnsenticorp_cpu (mean of the {len(seeds)} below; val {val:.2%})", "chnsenticorp_cpu",
+          "end-of-text", "all weights", clock(sum(seconds(run) for run in seeds))))
 for run in runs:
-    scores = json.loads((out_root / run / "test.json").read_text())
-    config = json.loads((out_root / run / "config.json").read_text())
-    data = json.loads((Path(config["data"]["dir"]) / "meta.json").read_text())
-    done = [json.loads(l) for l in (out_root / run / "metrics.jsonl").open()][-1]["message"]
-    freeze = config["finetune"]["freeze"]
-    trains = "all weights" if freeze == "none" else "head + final norm"
-    print(
-        f"| {run} | {data['pooling']} | {trains} | {scores['accuracy']:.2%} "
-        f"({scores['correct']} of {scores['total']}) | {scores['macro_f1']:.4f} | "
-        f"{done.split(' tokens in ')[1].split(';')[0]} |"
-    )
+    config = read(out_root / run / "config.json")
+    pooling = read(Path(config["data"]["dir"]) / "meta.json")["pooling"]
+    pooling = "end-of-text" if pooling == "eot" else "last token"
+    frozen = config["finetune"]["freeze"] != "none"
+    trains = "head + final norm" if frozen else "all weights"
+    print(row(f"{run} (best by val)", run, pooling, trains, clock(seconds(run))))
 PY

@@ -130,6 +130,17 @@ def test_long_texts_keep_their_start_end_or_both_and_are_counted(reviews, tmp_pa
         assert sum(read_meta(out)["truncated"].values()) == 1
 
 
+def test_only_the_classifier_tokenizer_appends_end_of_text_for_transformers(tmp_path):
+    """With end-of-text pooling, transformers' tokenizer must append the token the head pools
+    at; the language-model set prepared beside it must not (a prompt would end its text)."""
+    data, lm_data = tmp_path / "cls", tmp_path / "lm"
+    prepare_classify(str(CHNSENTICORP), data, context=64, pooling="eot", lm_dir=lm_data)
+    eot = Tokenizer.load(data).eos_token_id
+    classifier_ids = AutoTokenizer.from_pretrained(data)("好的")["input_ids"]
+    lm_ids = AutoTokenizer.from_pretrained(lm_data)("好的")["input_ids"]
+    assert classifier_ids == [*lm_ids, eot] and eot not in lm_ids
+
+
 def test_characters_unseen_in_training_read_as_unknown(reviews):
     tokenizer = Tokenizer.load(reviews)
     assert tokenizer.encode("好☃")[1] == tokenizer.unknown_token_id

@@ -364,6 +364,9 @@ def prepare_classify(
 
     write_data_set(out_dir, tokenizer, fill, overwrite, reads_from)
     if lm_dir is not None:
+        # A language model's tokenizer appends nothing: transformers would feed a prompt's
+        # <|endoftext|> to it, and an exported LM would continue after an end of text.
+        tokenizer.backend.post_processor = None
         write_pretraining_set(lm_dir, tokenizer, split_texts, source, overwrite, reads_from)
     return Path(out_dir)
 
