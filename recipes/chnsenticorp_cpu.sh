@@ -34,11 +34,11 @@ python train.py --config configs/chnsenticorp_lm_cpu_cont.json \
 finetune() {  # run name, data set, extra config flags
   python train.py --config configs/chnsenticorp_cpu.json --data.dir="$DATA_ROOT/$2" \
     --init_from="$OUT_ROOT/chnsenticorp_lm_cpu_cont" --out_dir="$OUT_ROOT/$1" "${@:3}"
-  score "$1"
+  score "$1" test
 }
-score() {  # run or checkpoint directory under $OUT_ROOT
-  python evaluate.py --task classify --checkpoint "$OUT_ROOT/$1" --split test \
-    --output "$OUT_ROOT/$1/test.json"
+score() {  # run or checkpoint directory under $OUT_ROOT, split: scores in DIR/<split>.json
+  python evaluate.py --task classify --checkpoint "$OUT_ROOT/$1" --split "$2" \
+    --output "$OUT_ROOT/$1/$2.json"
 }
 
 # 3. Three fine-tunes with dropout 0.1 that differ only in their seed, every checkpoint kept; the
@@ -50,9 +50,8 @@ for seed in 2 3 4; do
   SOUP+=("$OUT_ROOT/chnsenticorp_cpu_seed$seed/latest")
 done
 python train.py --average "${SOUP[@]}" --out_dir "$OUT_ROOT/chnsenticorp_cpu"
-score chnsenticorp_cpu
-python evaluate.py --task classify --checkpoint "$OUT_ROOT/chnsenticorp_cpu" --split val \
-  --output "$OUT_ROOT/chnsenticorp_cpu/val.json" >/dev/null
+score chnsenticorp_cpu test
+score chnsenticorp_cpu val >/dev/null
 RUNS=(chnsenticorp_cpu_seed2 chnsenticorp_cpu_seed3 chnsenticorp_cpu_seed4)
 
 if [ "${ABLATION:-0}" = 1 ]; then

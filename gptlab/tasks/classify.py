@@ -326,6 +326,7 @@ def prepare_classify(
         )
         for split in SPLITS
     }
+    plain = tokenizer.backend.post_processor  # the language-model set's (see below)
     if pooling == "eot":
         end_of_text_template(tokenizer)
 
@@ -364,9 +365,9 @@ def prepare_classify(
 
     write_data_set(out_dir, tokenizer, fill, overwrite, reads_from)
     if lm_dir is not None:
-        # A language model's tokenizer appends nothing: transformers would feed a prompt's
-        # <|endoftext|> to it, and an exported LM would continue after an end of text.
-        tokenizer.backend.post_processor = None
+        # Without the classifier's end-of-text template: with it, transformers would end every
+        # prompt to the language model with <|endoftext|>, and it would continue after an end.
+        tokenizer.backend.post_processor = plain
         write_pretraining_set(lm_dir, tokenizer, split_texts, source, overwrite, reads_from)
     return Path(out_dir)
 
