@@ -139,7 +139,9 @@ def kill_tree(process: subprocess.Popen) -> None:
 def moment_reached(moment: str, run_dir: Path, chance: random.Random):
     """A test of whether a run has reached the moment to kill it."""
     if moment == "start-up":
-        deadline = time.monotonic() + chance.uniform(0.5, 3.0)
+        # Before the run writes anything: importing torch and the rest takes over a second even
+        # on a fast machine, where the whole tiny run then trains in under one.
+        deadline = time.monotonic() + chance.uniform(0.2, 1.0)
         return lambda: time.monotonic() > deadline
     if moment == "after a snapshot":
         last, delay = newest_step(run_dir), chance.uniform(0.0, 0.1)
