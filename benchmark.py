@@ -33,10 +33,8 @@ what peak means on a CPU).
 
 import copy
 import json
-import os
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -239,17 +237,8 @@ def main(argv: list[str]) -> None:
         )
     if not args.memory:  # the memory report writes its own, gathered from every process
         write_figures(args.output, result)
-    # All processes leave the process group together. Even after that, about one FSDP run in
-    # ten on gloo aborted a worker at interpreter shutdown ("terminate called without an active
-    # exception", exit -6) after everything was printed and written; nothing is left to tear
-    # down that matters, so a worker process ends here.
-    accelerator.wait_for_everyone()
-    processes = accelerator.num_processes
+    accelerator.wait_for_everyone()  # all processes leave the process group together
     accelerator.end_training()
-    if processes > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
 
 
 def benchmark_generation(config, overrides: dict, args, accelerator: Accelerator) -> dict:

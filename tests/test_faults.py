@@ -261,6 +261,7 @@ DROPOUT_PROBE = """
 
     import train
     from gptlab.config import load_config
+    from gptlab.errors import let_collective_threads_finish
 
     config, _, overrides = load_config(sys.argv[1:])
     accelerator = Accelerator()
@@ -273,6 +274,7 @@ DROPOUT_PROBE = """
         print(json.dumps({"same_weights": bool((weights == weights[0]).all()), "losses": losses.tolist()}))
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    let_collective_threads_finish()  # as run_cli does
 """
 
 

@@ -123,6 +123,7 @@ from accelerate.utils import gather_object
 from torch.distributed.fsdp import FSDPModule
 from gptlab import sharding
 from gptlab.config import Config
+from gptlab.errors import let_collective_threads_finish
 from models import ModelConfig, build_model, optimizer_groups
 
 accelerator = Accelerator()
@@ -161,6 +162,9 @@ for arch, tied in (("gpt", True), ("llama", False)):
 reports = gather_object([report])
 if accelerator.is_main_process:
     open(sys.argv[1], "w").write(json.dumps(reports))
+accelerator.wait_for_everyone()  # and leave as the scripts do (see run_cli)
+accelerator.end_training()
+let_collective_threads_finish()
 """
 
 
