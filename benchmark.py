@@ -222,7 +222,8 @@ def main(argv: list[str]) -> None:
             f"(ours {result['speedup_over_transformers']:.2f}x); same tokens: "
             f"{result['same_tokens']}, as transformers: {result['same_tokens_as_transformers']}"
         )
-    elif args.memory:
+        write_figures(args.output, result)
+    elif args.memory:  # prints and writes its own report, gathered from every process
         benchmark_memory(config, name, overrides, args, accelerator)
     else:
         result = benchmark_training(config, name, overrides, args, accelerator)
@@ -235,7 +236,6 @@ def main(argv: list[str]) -> None:
             f"{result['overhead_percent']:+.1f}%, peak memory {result['peak_memory_gb']:.2f} GB "
             f"({result['peak_memory_of']})"
         )
-    if not args.memory:  # the memory report writes its own, gathered from every process
         write_figures(args.output, result)
     accelerator.wait_for_everyone()  # all processes leave the process group together
     accelerator.end_training()
