@@ -365,3 +365,27 @@ def test_loss_evaluation_holds_at_most_the_logits_budget_in_one_forward(adder_di
     scores, _ = text.score("loss", model, None, {}, split, indices, accelerator, 512)
     assert max(windows) == 3 and sum(windows) == 40
     assert scores["loss"] == pytest.approx(whole, rel=1e-6)
+
+
+def test_every_script_of_a_multi_process_launch_leaves_the_gil_before_exit(monkeypatch):
+    # Fault 9: a gloo worker thread freeing the last collective's tensors during interpreter
+    # shutdown aborted a process that had succeeded (exit -6), about one FSDP run in four. Each
+    # script's run_cli pauses on the way out, whether main returned or raised; one process does not.
+    from gptlab import errors
+
+    def failing(argv):
+        raise errors.UserError("bad flag")
+
+    pauses = []
+    monkeypatch.setattr(errors.time, "sleep", pauses.append)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    errors.run_cli(lambda argv: None)
+    with pytest.raises(SystemExit) as exit_info:
+        errors.run_cli(failing)
+    assert exit_info.value.code == 2
+    assert pauses == [errors.COLLECTIVE_THREADS_GRACE_S] * 2
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    errors.run_cli(lambda argv: None)
+    monkeypatch.delenv("WORLD_SIZE")
+    errors.run_cli(lambda argv: None)
+    assert len(pauses) == 2
