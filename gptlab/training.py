@@ -530,8 +530,8 @@ class BatchReader:
         return batches
 
     def close(self) -> None:
-        """Let the read ahead finish and stop the thread: a thread still reading while the
-        process group and the interpreter shut down can abort the process."""
+        """Let the read ahead finish and stop the thread, so nothing reads after the run ends.
+        (The abort at exit once blamed on this thread was gloo's: see errors.run_cli.)"""
         self.worker.shutdown(wait=True)
         self.pending = None
 
