@@ -294,6 +294,45 @@ def test_a_label_the_classifier_never_saw_is_refused_at_evaluation():
     assert model_label_ids(classifier("gpt"), meta).tolist() == [1, 2]
 
 
+def test_every_process_scores_its_share_in_as_many_forward_passes():
+    """A sharded (FSDP) model's forward pass is collective: a process running one fewer would
+    leave the others waiting forever. 257 rows over 2 processes at 128 a pass are 129 and 128
+    rows: both must run 2 passes, and together count each row once."""
+    from types import SimpleNamespace
+
+    from gptlab.tasks.classify import confusion_matrix
+
+    class Rows:
+        tokens = torch.arange(257)[:, None] % 3  # rows 0, 1, 2, 0, ...; label: the row mod 2
+        labels = torch.arange(257) % 2
+
+        def fetch(self, indices):
+            return self.tokens[indices], self.labels[indices]
+
+    class Counting(torch.nn.Module):
+        """Predicts class 1 for a row holding 1, else class 0; counts its forward passes."""
+
+        config = SimpleNamespace(num_labels=2)
+        passes = 0
+
+        def forward(self, tokens):
+            self.passes += 1
+            return torch.nn.functional.one_hot((tokens[:, 0] == 1).long(), 2).float()
+
+    total, passes = np.zeros((2, 2), dtype=np.int64), []
+    for rank in (0, 1):
+        model = Counting()
+        process = SimpleNamespace(
+            device="cpu", process_index=rank, num_processes=2, reduce=lambda t, _: t
+        )
+        total += confusion_matrix(model, Rows(), np.arange(257), np.arange(2), process, 128)
+        passes.append(model.passes)
+    assert passes == [2, 2]
+    truth, predicted = np.arange(257) % 2, (np.arange(257) % 3 == 1).astype(int)
+    expected = [[int(((truth == t) & (predicted == q)).sum()) for q in (0, 1)] for t in (0, 1)]
+    assert total.tolist() == expected and total.sum() == 257
+
+
 def test_scores_from_a_confusion_matrix():
     matrix = np.array([[8, 2], [1, 9]])  # rows: true, columns: predicted
     scores = classification_scores(matrix, ["neg", "pos"])

@@ -28,6 +28,7 @@ from gptlab import storage
 from gptlab.cli import fraction, positive_int, random_seed
 from gptlab.data import is_data_set, token_dtype, write_data_set
 from gptlab.errors import UserError
+from gptlab.evaluation import process_share
 from gptlab.tasks.text import SplitFile
 from gptlab.tokenizer import END_OF_TEXT, PAD, UNKNOWN, Tokenizer
 
@@ -422,17 +423,19 @@ def confusion_matrix(
     batch_size: int,
 ) -> np.ndarray:
     """Counts (true class, predicted class) over `indices` of the split, in the model's class
-    ids (to_model_ids maps the data set's), shared out over and summed across processes."""
+    ids (to_model_ids maps the data set's), shared out over and summed across processes. Every
+    process runs as many forward passes (see process_share): a sharded model's are collective."""
     was_training = model.training
     model.eval()
     size = model.config.num_labels
     counts = torch.zeros(size * size, device=accelerator.device, dtype=torch.float64)
-    shard = indices[accelerator.process_index :: accelerator.num_processes]
+    share, real = process_share(indices, accelerator)
     mapping = torch.from_numpy(to_model_ids)
-    for start in range(0, len(shard), batch_size):
-        inputs, labels = split.fetch(shard[start : start + batch_size])
+    for start in range(0, len(share), batch_size):
+        inputs, labels = split.fetch(share[start : start + batch_size])
         predicted = model(inputs.to(accelerator.device)).argmax(dim=-1)
         cells = mapping[labels].to(accelerator.device) * size + predicted
+        cells = cells[: max(0, real - start)]  # the share's padding counts for nothing
         counts += torch.bincount(cells, minlength=size * size).double()
     model.train(was_training)
     counts = accelerator.reduce(counts, "sum")
