@@ -168,6 +168,13 @@ def test_bad_labelled_files_are_refused_and_nothing_is_written(tmp_path, rows, c
     assert not (tmp_path / "out").exists()
 
 
+def test_a_split_that_would_be_empty_is_refused_before_anything_is_written(tmp_path):
+    csv = write_csv(tmp_path / "x.csv", [(f"文本{i}", i % 2) for i in range(10)])
+    with pytest.raises(UserError, match=r"the val split would be empty \(10 texts at --val_frac"):
+        prepare_classify(str(csv), tmp_path / "d", context=8, val_fraction=0.01)
+    assert not (tmp_path / "d").exists()
+
+
 def test_prepare_data_refuses_a_missing_file_with_one_line(tmp_path):
     result = run_script(
         "prepare_data.py", "classify", "--input", "missing.csv", cwd=tmp_path, check=False

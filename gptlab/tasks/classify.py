@@ -302,6 +302,12 @@ def prepare_classify(
     texts, labels = read_labelled(source, text_column, label_column, hf_split)
     examples = clean(texts, labels, source)
     splits = stratified_split(examples.label_ids, val_fraction, test_fraction, seed)
+    for split, share in (("val", val_fraction), ("test", test_fraction)):
+        if not len(splits[split]):  # training scores on val, and scoring an empty split fails
+            raise UserError(
+                f"the {split} split would be empty ({len(examples.texts)} texts at "
+                f"--{split}_fraction {share:g}); give more texts or a larger --{split}_fraction"
+            )
     for label, name in enumerate(examples.labels):
         if not (examples.label_ids[splits["train"]] == label).any():
             count = int((examples.label_ids == label).sum())
