@@ -272,7 +272,7 @@ def open_training_data(config: Config, accelerator: Accelerator) -> TrainingData
         final_indices=final_subset(val, config),
     )
     module = tasks.for_data_set(meta)
-    kept = ("format", "example_length", "task", "labels", "pooling", "keep")
+    kept = ("format", "example_length", "task", "labels", "pooling", "keep", "bos")
     info = {k: v for k, v in meta.items() if k in kept}
     return TrainingData(
         meta=meta,

@@ -16,10 +16,13 @@ KEEP=start
 # The data: texts of at most 128 characters (the language model's context) each followed by
 # <|endoftext|>, where the classifier pools; of a longer review the start is kept. One seeded
 # 80/10/10 split (stratified by label) is shared by every run; the language model's data are the
-# same training and val reviews, whole, with the same character vocabulary.
-if [ ! -f "$DATA_ROOT/chnsenticorp_eot/meta.json" ]; then
-  python prepare_data.py chnsenticorp --input "$CSV" --out_dir "$DATA_ROOT/chnsenticorp_eot" \
-    --context 128 --pooling eot --keep "$KEEP" --lm_dir "$DATA_ROOT/chnsenticorp_lm" --overwrite
+# same training and val reviews, whole, with the same character vocabulary, each review after an
+# <|endoftext|>. So the classifier's texts start with one too (--bos), as the reviews it learnt
+# to read did.
+if [ ! -f "$DATA_ROOT/chnsenticorp_bos/meta.json" ]; then
+  python prepare_data.py chnsenticorp --input "$CSV" --out_dir "$DATA_ROOT/chnsenticorp_bos" \
+    --context 128 --pooling eot --keep "$KEEP" --bos --lm_dir "$DATA_ROOT/chnsenticorp_lm" \
+    --overwrite
 fi
 
 # 1. Pretrain: a 4-layer character GPT learns to continue the training reviews: 900 steps, then
@@ -45,7 +48,7 @@ score() {  # run or checkpoint directory under $OUT_ROOT, split: scores in DIR/<
 #    mean of their final weights (a "model soup", see the README's Averaging) is the classifier.
 SOUP=()
 for seed in 2 3 4; do
-  finetune "chnsenticorp_cpu_seed$seed" chnsenticorp_eot --model.dropout=0.1 --seed="$seed" \
+  finetune "chnsenticorp_cpu_seed$seed" chnsenticorp_bos --model.dropout=0.1 --seed="$seed" \
     --keep_best=0
   SOUP+=("$OUT_ROOT/chnsenticorp_cpu_seed$seed/latest")
 done
@@ -55,17 +58,23 @@ score chnsenticorp_cpu val >/dev/null
 RUNS=(chnsenticorp_cpu_seed2 chnsenticorp_cpu_seed3 chnsenticorp_cpu_seed4)
 
 if [ "${ABLATION:-0}" = 1 ]; then
-  # The same reviews and split without the end-of-text token: the head pools at the last
-  # character. And each pooling with the backbone frozen: only the head and final norm train.
-  if [ ! -f "$DATA_ROOT/chnsenticorp/meta.json" ]; then
-    python prepare_data.py chnsenticorp --input "$CSV" --out_dir "$DATA_ROOT/chnsenticorp" \
-      --context 128 --keep "$KEEP" --overwrite
-  fi
+  # One fine-tune (seed 2) of each: pooling at an appended end-of-text token or at the last
+  # character, each with every weight training or the backbone frozen (only the head and final
+  # norm train), on the same reviews and split without the starting <|endoftext|>.
+  for pooling in eot last; do
+    if [ ! -f "$DATA_ROOT/chnsenticorp_$pooling/meta.json" ]; then
+      python prepare_data.py chnsenticorp --input "$CSV" \
+        --out_dir "$DATA_ROOT/chnsenticorp_$pooling" \
+        --context 128 --pooling "$pooling" --keep "$KEEP" --overwrite
+    fi
+  done
   FROZEN=(--finetune.freeze=backbone --finetune.train_blocks=0 --lr.peak=3e-3 --seed=2)
-  finetune chnsenticorp_cpu_last chnsenticorp --model.dropout=0.1 --seed=2
+  finetune chnsenticorp_cpu_eot chnsenticorp_eot --model.dropout=0.1 --seed=2
+  finetune chnsenticorp_cpu_last chnsenticorp_last --model.dropout=0.1 --seed=2
   finetune chnsenticorp_cpu_eot_frozen chnsenticorp_eot "${FROZEN[@]}"
-  finetune chnsenticorp_cpu_last_frozen chnsenticorp "${FROZEN[@]}"
-  RUNS+=(chnsenticorp_cpu_last chnsenticorp_cpu_eot_frozen chnsenticorp_cpu_last_frozen)
+  finetune chnsenticorp_cpu_last_frozen chnsenticorp_last "${FROZEN[@]}"
+  RUNS+=(chnsenticorp_cpu_eot chnsenticorp_cpu_last chnsenticorp_cpu_eot_frozen)
+  RUNS+=(chnsenticorp_cpu_last_frozen)
 fi
 
 python - "$OUT_ROOT" "${RUNS[@]}" <<'PY'
@@ -100,11 +109,12 @@ print("| --- | --- | --- | --- | --- | --- |")
 seeds = [run for run in runs if "_seed" in run]
 val = read(out_root / "chnsenticorp_cpu/val.json")["accuracy"]
 print(row(f"chnsenticorp_cpu (mean of the {len(seeds)} below; val {val:.2%})", "chnsenticorp_cpu",
-          "end-of-text", "all weights", clock(sum(seconds(run) for run in seeds))))
+          "end-of-text, text after one", "all weights", clock(sum(seconds(run) for run in seeds))))
 for run in runs:
     config = read(out_root / run / "config.json")
-    pooling = read(Path(config["data"]["dir"]) / "meta.json")["pooling"]
-    pooling = "end-of-text" if pooling == "eot" else "last token"
+    meta = read(Path(config["data"]["dir"]) / "meta.json")
+    pooling = "end-of-text" if meta["pooling"] == "eot" else "last token"
+    pooling += ", text after one" if meta.get("bos") else ""
     frozen = config["finetune"]["freeze"] != "none"
     trains = "head + final norm" if frozen else "all weights"
     print(row(f"{run} (best by val)", run, pooling, trains, clock(seconds(run))))

@@ -141,6 +141,45 @@ def test_only_the_classifier_tokenizer_appends_end_of_text_for_transformers(tmp_
     assert classifier_ids == [*lm_ids, eot] and eot not in lm_ids
 
 
+def test_with_bos_each_text_also_starts_with_end_of_text_and_transformers_does_the_same(
+    reviews, tmp_path
+):
+    """--bos: every row is <|endoftext|>, the text (one token shorter than without), <|endoftext|>,
+    the split is the same, and transformers' tokenizer gives exactly the row of a text."""
+    out = prepare_classify(
+        str(CHNSENTICORP), tmp_path / "bos", context=64, pooling="eot", keep="end", bos=True
+    )
+    meta, tokenizer = read_meta(out), Tokenizer.load(out)
+    assert meta["bos"] and not read_meta(reviews)["bos"]
+    eot, theirs = tokenizer.eos_token_id, AutoTokenizer.from_pretrained(out)
+    for split in SPLITS:
+        assert (out / f"{split}_rows.bin").read_bytes() == (
+            reviews / f"{split}_rows.bin"
+        ).read_bytes()
+        rows = np.fromfile(out / f"{split}.bin", dtype=meta["dtype"]).reshape(-1, 64)
+        lengths = np.fromfile(out / f"{split}_lengths.bin", dtype=np.int32)
+        plain = np.fromfile(reviews / f"{split}.bin", dtype=meta["dtype"]).reshape(-1, 64)
+        plain_lengths = np.fromfile(reviews / f"{split}_lengths.bin", dtype=np.int32)
+        for row, n, other, m in zip(rows, lengths, plain, plain_lengths):
+            assert row[0] == row[n - 1] == eot and eot not in row[1 : n - 1]
+            body = other[: m - 1] if m < 64 else other[1 : m - 1]  # keep="end": the end is kept
+            assert row[1 : n - 1].tolist() == body.tolist()
+    texts = pd.read_csv(CHNSENTICORP)["review"]
+    test_rows = np.fromfile(out / "test_rows.bin", dtype=np.int32)
+    rows = np.fromfile(out / "test.bin", dtype=meta["dtype"]).reshape(-1, 64)
+    lengths = np.fromfile(out / "test_lengths.bin", dtype=np.int32)
+    fitting = [(row, n, source) for row, n, source in zip(rows, lengths, test_rows) if n < 64]
+    assert len(fitting) > 50
+    for row, n, source in fitting[:50]:  # a text that fits: transformers' ids are the row's
+        assert theirs(texts[source])["input_ids"] == row[:n].tolist()
+
+    # Pooling at the last token: <|endoftext|> goes before the text only.
+    csv = write_csv(tmp_path / "short.csv", [(f"短{i}", i % 2) for i in range(30)])
+    last = prepare_classify(str(csv), tmp_path / "last", context=8, bos=True)
+    ids = AutoTokenizer.from_pretrained(last)("短1")["input_ids"]
+    assert ids == [Tokenizer.load(last).eos_token_id, *Tokenizer.load(last).encode("短1")]
+
+
 def test_characters_unseen_in_training_read_as_unknown(reviews):
     tokenizer = Tokenizer.load(reviews)
     assert tokenizer.encode("好☃")[1] == tokenizer.unknown_token_id

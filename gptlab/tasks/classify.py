@@ -224,10 +224,11 @@ def encode_split(
     pooling: str,
     keep: str,
     pad: int,
+    bos: bool = False,
 ) -> EncodedSplit:
-    """Token rows of the texts: cut to the context (see kept_part), an
-    <|endoftext|> appended with pooling "eot", padded on the right."""
-    room = context - (pooling == "eot")
+    """Token rows of the texts: cut to the context (see kept_part), an <|endoftext|> appended
+    with pooling "eot" and put before the text with bos, padded on the right."""
+    room = context - (pooling == "eot") - bos
     rows = np.full((len(texts), context), pad, dtype=token_dtype(tokenizer.vocab_size))
     lengths = np.zeros(len(texts), dtype=np.int32)
     truncated = unknown = 0
@@ -243,19 +244,23 @@ def encode_split(
             ids = kept_part(ids, room, keep)
         if pooling == "eot":
             ids = [*ids, tokenizer.eos_token_id]
+        if bos:
+            ids = [tokenizer.eos_token_id, *ids]
         unknown += sum(token == tokenizer.unknown_token_id for token in ids)
         rows[i, : len(ids)] = ids
         lengths[i] = len(ids)
     return EncodedSplit(rows, lengths, labels.astype(np.int32), truncated, unknown)
 
 
-def end_of_text_template(tokenizer: Tokenizer) -> None:
-    """Make transformers' AutoTokenizer append <|endoftext|> to every text, as the data does."""
+def end_of_text_template(tokenizer: Tokenizer, after: bool, before: bool) -> None:
+    """Make transformers' AutoTokenizer put <|endoftext|> after every text (pooling "eot") and
+    before it (bos), as the data does."""
     from tokenizers.processors import TemplateProcessing
 
     eot = (END_OF_TEXT, tokenizer.eos_token_id)
+    text = " ".join([END_OF_TEXT] * before + ["$A"] + [END_OF_TEXT] * after)
     tokenizer.backend.post_processor = TemplateProcessing(
-        single=f"$A {END_OF_TEXT}", pair=f"$A {END_OF_TEXT} $B {END_OF_TEXT}", special_tokens=[eot]
+        single=text, pair=f"{text} {text.replace('$A', '$B')}", special_tokens=[eot]
     )
 
 
@@ -279,16 +284,22 @@ def prepare_classify(
     lm_dir: Path | None = None,
     hf_split: str = "train",
     overwrite: bool = False,
+    bos: bool = False,
 ) -> Path:
     """Write a classification data set (see the module docstring) to out_dir, and with lm_dir
     a language-modelling data set of the same texts with the same tokenizer for pretraining:
-    train is the training texts, val the val texts, each followed by <|endoftext|>."""
+    train is the training texts, val the val texts, each followed by <|endoftext|>.
+
+    With bos every text also starts with <|endoftext|>, as GPT-2 marks a text's beginning: a
+    language model pretrained on texts that each follow an <|endoftext|> then reads a text to
+    classify as it read them."""
     if pooling not in ("last", "eot"):
         raise UserError(f"--pooling {pooling!r}: use last or eot")
     if keep not in KEEP:
         raise UserError(f"--keep {keep!r}: use start, end or both")
-    if context < 2:
-        raise UserError(f"--context {context} must be at least 2")
+    least = 1 + (pooling == "eot") + bos  # a token of each text, and the end-of-text tokens
+    if context < max(least, 2):
+        raise UserError(f"--context {context} must be at least {max(least, 2)}")
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise UserError("--val_fraction and --test_fraction must be positive and sum below 1")
     reads_from = [Path(source)] if Path(source).exists() else []
@@ -321,6 +332,8 @@ def prepare_classify(
     else:
         tokenizer = Tokenizer.load(tokenizer_name)
     pad = padding_token(tokenizer, pooling)
+    if bos and tokenizer.eos_token_id is None:
+        raise UserError(f"--bos needs {END_OF_TEXT} in the tokenizer; use --tokenizer char")
     encoded = {
         split: encode_split(
             split_texts[split],
@@ -330,12 +343,13 @@ def prepare_classify(
             pooling,
             keep,
             pad,
+            bos,
         )
         for split in SPLITS
     }
     plain = tokenizer.backend.post_processor  # the language-model set's (see below)
-    if pooling == "eot":
-        end_of_text_template(tokenizer)
+    if pooling == "eot" or bos:
+        end_of_text_template(tokenizer, after=pooling == "eot", before=bos)
 
     def fill(tmp_dir: Path) -> dict:
         for split, data in encoded.items():
@@ -351,6 +365,7 @@ def prepare_classify(
             "pad_token_id": pad,
             "pooling": pooling,
             "keep": keep,
+            "bos": bos,
             "splits": {split: len(data.labels) for split, data in encoded.items()},
             "label_counts": {
                 split: {
@@ -569,6 +584,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         help="of a text longer than the context keep the start, the end, or both (half each)",
     )
     parser.add_argument(
+        "--bos",
+        action="store_true",
+        help="start each text with <|endoftext|> too, as every text of the pretraining set does",
+    )
+    parser.add_argument(
         "--min_char_count",
         type=positive_int,
         default=2,
@@ -601,6 +621,7 @@ def prepare(command: str, args: argparse.Namespace, out_dir: Path) -> Path:
         lm_dir=Path(args.lm_dir) if args.lm_dir else None,
         hf_split=getattr(args, "hf_split", "train"),
         overwrite=args.overwrite,
+        bos=args.bos,
     )
 
 
