@@ -13,12 +13,12 @@ OUT_ROOT=${OUT_ROOT:-out}
 CSV=${SHARED_DATA:-../shared/data}/chnsenticorp/ChnSentiCorp_htl_all.csv
 KEEP=start
 
-# The data: texts of at most 128 characters (the language model's context) each followed by
-# <|endoftext|>, where the classifier pools; of a longer review the start is kept. One seeded
-# 80/10/10 split (stratified by label) is shared by every run; the language model's data are the
-# same training and val reviews, whole, with the same character vocabulary, each review after an
-# <|endoftext|>. So the classifier's texts start with one too (--bos), as the reviews it learnt
-# to read did.
+# The data: texts of at most 126 characters, each between two <|endoftext|> (128 tokens, the
+# language model's context); the classifier pools at the second. Of a longer review the start is
+# kept. One seeded 80/10/10 split (stratified by label) is shared by every run; the language
+# model's data are the same training and val reviews, whole, with the same character vocabulary,
+# each review after an <|endoftext|>: hence the one before each text (--bos), so the classifier
+# reads a review as the language model learnt to.
 if [ ! -f "$DATA_ROOT/chnsenticorp_bos/meta.json" ]; then
   python prepare_data.py chnsenticorp --input "$CSV" --out_dir "$DATA_ROOT/chnsenticorp_bos" \
     --context 128 --pooling eot --keep "$KEEP" --bos --lm_dir "$DATA_ROOT/chnsenticorp_lm" \

@@ -297,9 +297,9 @@ def prepare_classify(
         raise UserError(f"--pooling {pooling!r}: use last or eot")
     if keep not in KEEP:
         raise UserError(f"--keep {keep!r}: use start, end or both")
-    least = 1 + (pooling == "eot") + bos  # a token of each text, and the end-of-text tokens
-    if context < max(least, 2):
-        raise UserError(f"--context {context} must be at least {max(least, 2)}")
+    least = max(2, 1 + (pooling == "eot") + bos)  # a token of each text, and the end-of-texts
+    if context < least:
+        raise UserError(f"--context {context} must be at least {least}")
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise UserError("--val_fraction and --test_fraction must be positive and sum below 1")
     reads_from = [Path(source)] if Path(source).exists() else []
