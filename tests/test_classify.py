@@ -180,6 +180,26 @@ def test_with_bos_each_text_also_starts_with_end_of_text_and_transformers_does_t
     assert ids == [Tokenizer.load(last).eos_token_id, *Tokenizer.load(last).encode("短1")]
 
 
+def test_end_of_text_tokens_need_one_in_the_tokenizer(tmp_path):
+    """A tokenizer with <|pad|> but no <|endoftext|>: pooling at an appended <|endoftext|> and
+    --bos are refused in one line, before anything is written."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers.models import WordLevel
+
+    vocab = {"<|pad|>": 0, "<|unk|>": 1, "good": 2, "bad": 3}
+    (tmp_path / "tok").mkdir()
+    Backend(WordLevel(vocab, unk_token="<|unk|>")).save(str(tmp_path / "tok" / "tokenizer.json"))
+    csv = write_csv(
+        tmp_path / "words.csv", [(f"{'good' if i % 2 else 'bad'} {i}", i % 2) for i in range(30)]
+    )
+    for flags, message in (({"pooling": "eot"}, "--pooling eot"), ({"bos": True}, "--bos")):
+        with pytest.raises(UserError, match=f"^{message} needs <\\|endoftext\\|> in the tok"):
+            prepare_classify(
+                str(csv), tmp_path / "out", tokenizer_name=str(tmp_path / "tok"), **flags
+            )
+        assert not (tmp_path / "out").exists()
+
+
 def test_characters_unseen_in_training_read_as_unknown(reviews):
     tokenizer = Tokenizer.load(reviews)
     assert tokenizer.encode("好☃")[1] == tokenizer.unknown_token_id

@@ -216,6 +216,12 @@ def kept_part(ids: list[int], room: int, keep: str) -> list[int]:
     return ids[:head] + ids[len(ids) - (room - head) :]
 
 
+def end_of_text_tokens(pooling: str, bos: bool) -> int:
+    """How many <|endoftext|> each row adds to its text: one after it with pooling "eot", one
+    before it with bos."""
+    return (pooling == "eot") + bos
+
+
 def encode_split(
     texts: list[str],
     labels: np.ndarray,
@@ -228,7 +234,7 @@ def encode_split(
 ) -> EncodedSplit:
     """Token rows of the texts: cut to the context (see kept_part), an <|endoftext|> appended
     with pooling "eot" and put before the text with bos, padded on the right."""
-    room = context - (pooling == "eot") - bos
+    room = context - end_of_text_tokens(pooling, bos)
     rows = np.full((len(texts), context), pad, dtype=token_dtype(tokenizer.vocab_size))
     lengths = np.zeros(len(texts), dtype=np.int32)
     truncated = unknown = 0
@@ -297,7 +303,7 @@ def prepare_classify(
         raise UserError(f"--pooling {pooling!r}: use last or eot")
     if keep not in KEEP:
         raise UserError(f"--keep {keep!r}: use start, end or both")
-    least = max(2, 1 + (pooling == "eot") + bos)  # a token of each text, and the end-of-texts
+    least = max(2, 1 + end_of_text_tokens(pooling, bos))  # a token of each text, and those
     if context < least:
         raise UserError(f"--context {context} must be at least {least}")
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
@@ -332,8 +338,9 @@ def prepare_classify(
     else:
         tokenizer = Tokenizer.load(tokenizer_name)
     pad = padding_token(tokenizer, pooling)
-    if bos and tokenizer.eos_token_id is None:
-        raise UserError(f"--bos needs {END_OF_TEXT} in the tokenizer; use --tokenizer char")
+    if end_of_text_tokens(pooling, bos) and tokenizer.eos_token_id is None:
+        flags = "--pooling eot" if pooling == "eot" else "--bos"
+        raise UserError(f"{flags} needs {END_OF_TEXT} in the tokenizer; use --tokenizer char")
     encoded = {
         split: encode_split(
             split_texts[split],
@@ -348,7 +355,7 @@ def prepare_classify(
         for split in SPLITS
     }
     plain = tokenizer.backend.post_processor  # the language-model set's (see below)
-    if pooling == "eot" or bos:
+    if end_of_text_tokens(pooling, bos):
         end_of_text_template(tokenizer, after=pooling == "eot", before=bos)
 
     def fill(tmp_dir: Path) -> dict:
