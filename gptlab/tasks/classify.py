@@ -303,7 +303,8 @@ def prepare_classify(
         raise UserError(f"--pooling {pooling!r}: use last or eot")
     if keep not in KEEP:
         raise UserError(f"--keep {keep!r}: use start, end or both")
-    least = max(2, 1 + end_of_text_tokens(pooling, bos))  # a token of each text, and those
+    # A token of each text and the row's <|endoftext|>s; at least 2 in any case.
+    least = max(2, 1 + end_of_text_tokens(pooling, bos))
     if context < least:
         raise UserError(f"--context {context} must be at least {least}")
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
