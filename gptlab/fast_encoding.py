@@ -74,9 +74,10 @@ class BatchEncoder:
             points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
             where = np.searchsorted(self.code_points, points)
             where = np.minimum(where, len(self.code_points) - 1)
-            if not np.array_equal(self.code_points[where], points):
-                self.tokenizer.encode(text)  # raises the error that names the unknown characters
-            encoded.append(self.char_ids[where])
+            if np.array_equal(self.code_points[where], points):
+                encoded.append(self.char_ids[where])
+            else:  # characters outside the vocabulary: <|unk|> for each, or the error naming them
+                encoded.append(np.asarray(self.tokenizer.encode(text), dtype=np.int64))
         return encoded
 
     def _set_up_tiktoken(self) -> None:

@@ -91,6 +91,21 @@ def test_fast_engines_encode_exactly_as_the_tokenizers_library(tmp_path):
     assert fast_encoding.mergeable_ranks(chars) is None
 
 
+def test_characters_outside_a_character_vocabulary_read_as_unknown_or_are_refused():
+    # A classifier's vocabulary (prepare_data.py classify) has <|unk|>: another corpus prepared
+    # with it (text --tokenizer) reads each unseen character as <|unk|>, as Tokenizer.encode does,
+    # never as the vocabulary's neighbouring character.
+    with_unknown = Tokenizer.from_chars("acegi", ("<|pad|>", "<|unk|>"))
+    texts = ["abc", "ace<|endoftext|>bdf", "hij", "cage"]
+    fast = [list(map(int, ids)) for ids in BatchEncoder(with_unknown)(texts)]
+    assert fast == [with_unknown.encode(text) for text in texts]
+    unknown = with_unknown.unknown_token_id
+    assert fast[0] == [0, unknown, 1] and fast[2].count(unknown) == 2
+    # Without <|unk|> such a text is refused, naming the characters.
+    with pytest.raises(UserError, match="outside the vocabulary: 'b'"):
+        BatchEncoder(Tokenizer.from_chars("acegi"))(["abc"])
+
+
 def test_a_corpus_of_one_document_is_cut_by_position(tmp_path):
     out = prepare_corpus(Corpus(str(SHAKESPEARE)), "char", tmp_path / "sh", val_fraction=0.25)
     meta = read_meta(out)
