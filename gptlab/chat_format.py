@@ -47,7 +47,7 @@ def add_chat_format(tokenizer: Tokenizer) -> tuple[Tokenizer, list[str]]:
     backend = tokenizers.Tokenizer.from_str(tokenizer.backend.to_str())
     missing = [token for token in CHAT_TOKENS if backend.token_to_id(token) is None]
     backend.add_special_tokens(missing)
-    return Tokenizer(backend, tokenizer.eos_token, CHAT_TEMPLATE), missing
+    return Tokenizer(backend, chat_template=CHAT_TEMPLATE, **tokenizer.special_tokens()), missing
 
 
 @dataclass

@@ -63,7 +63,7 @@ def save_checkpoint(
     def fill(tmp_dir: Path) -> None:
         save_file(state, tmp_dir / MODEL_FILE, metadata={"format": "pt"})
         config = {
-            **hf.to_hf_config(model.config, tokenizer.eos_token_id),
+            **hf.to_hf_config(model.config, tokenizer.eos_token_id, tokenizer.bos_token_id),
             "gptlab": asdict(model.config),
             **info,
         }

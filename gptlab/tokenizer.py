@@ -7,6 +7,11 @@ special token (appended after each document) that tokenizer_config.json names as
 so tools built on transformers find it. A tokenizer made for chat also carries its chat template
 (a Jinja string, see gptlab/chat_format.py), saved in tokenizer_config.json where transformers
 reads it.
+
+A loaded tokenizer keeps the special tokens its files name. Ours, GPT-2's and Llama's name an
+`eos_token`; a BERT vocabulary (the Chinese GPT-2s of the hub, such as
+uer/gpt2-chinese-cluecorpussmall: a `vocab.txt`, texts pretrained as `[CLS] text [SEP]`) names
+none, so there `[SEP]` ends a text and `[CLS]` begins one, and `[PAD]` pads.
 """
 
 import json
@@ -48,12 +53,36 @@ class Tokenizer:
         backend: tokenizers.Tokenizer,
         eos_token: str | None = None,
         chat_template: str | None = None,
+        bos_token: str | None = None,
+        pad_token: str | None = None,
+        unk_token: str | None = None,
     ):
+        """Special tokens not given, or not in the vocabulary, fall back to ours: <|endoftext|>
+        ends a text and begins one (GPT-2's convention), <|pad|> pads, <|unk|> stands for what
+        the vocabulary lacks, each where the vocabulary has it."""
         self.backend = backend
-        if eos_token is None and backend.token_to_id(END_OF_TEXT) is not None:
-            eos_token = END_OF_TEXT
-        self.eos_token = eos_token if backend.token_to_id(eos_token or "") is not None else None
+        in_vocab = [
+            t
+            for t in (eos_token, bos_token, pad_token, unk_token, END_OF_TEXT, PAD, UNKNOWN)
+            if t is not None and backend.token_to_id(t) is not None
+        ]
+        self.eos_token = next((t for t in (eos_token, END_OF_TEXT) if t in in_vocab), None)
+        self.bos_token = bos_token if bos_token in in_vocab else self.eos_token
+        # A pad or unknown token that is the end-of-text token (GPT-2's hub tokenizer names
+        # <|endoftext|> as its unk_token) is none: padding and unknowns must not look like it.
+        usable = [t for t in in_vocab if t != self.eos_token]
+        self.pad_token = next((t for t in (pad_token, PAD) if t in usable), None)
+        self.unk_token = next((t for t in (unk_token, UNKNOWN) if t in usable), None)
         self.chat_template = chat_template
+
+    def special_tokens(self) -> dict[str, str | None]:
+        """The special tokens as keyword arguments of Tokenizer, for a copy with another backend."""
+        return {
+            "eos_token": self.eos_token,
+            "bos_token": self.bos_token,
+            "pad_token": self.pad_token,
+            "unk_token": self.unk_token,
+        }
 
     @classmethod
     def from_chars(cls, chars: str, extra_special_tokens: tuple[str, ...] = ()) -> "Tokenizer":
@@ -94,7 +123,7 @@ class Tokenizer:
         if (path / "tokenizer.json").is_file():
             with _refusing_corrupt(path / "tokenizer.json"):
                 backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
-            return cls(backend, _configured_eos(path), read_chat_template(path))
+            return cls(backend, chat_template=read_chat_template(path), **_configured(path))
         if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
             with _refusing_corrupt(path / "vocab.json", path / "merges.txt"):
                 bpe = tokenizers.ByteLevelBPETokenizer(
@@ -103,22 +132,36 @@ class Tokenizer:
             backend = bpe._tokenizer
             known = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is not None]
             backend.add_special_tokens(known)
-            return cls(backend, _configured_eos(path), read_chat_template(path))
+            return cls(backend, chat_template=read_chat_template(path), **_configured(path))
+        if (path / "vocab.txt").is_file():  # a BERT WordPiece vocabulary: transformers reads it
+            with _refusing_corrupt(path / "vocab.txt"):
+                return cls._from_transformers(str(path))
         if path.exists() or str(name_or_dir).startswith((".", "/")):
             raise UserError(
-                f"no tokenizer in {name_or_dir}: expected tokenizer.json or vocab.json + merges.txt"
+                f"no tokenizer in {name_or_dir}: expected tokenizer.json, vocab.json + merges.txt "
+                "or vocab.txt"
             )
         try:  # a hub name such as "gpt2": needs the network the first time
-            from transformers import AutoTokenizer
-
-            hub = AutoTokenizer.from_pretrained(str(name_or_dir))
-            return cls(hub.backend_tokenizer, hub.eos_token, getattr(hub, "chat_template", None))
+            return cls._from_transformers(str(name_or_dir))
         except OSError as error:
             raise UserError(
                 f"could not load tokenizer {name_or_dir!r} from the Hugging Face Hub "
                 f"({error.__class__.__name__}; the first load needs the network); pass a local "
-                "directory with tokenizer.json or vocab.json + merges.txt"
+                "directory with tokenizer.json, vocab.json + merges.txt, or vocab.txt"
             ) from None
+
+    @classmethod
+    def _from_transformers(cls, name_or_dir: str) -> "Tokenizer":
+        """The fast tokenizer transformers' AutoTokenizer makes of a hub name or directory, with
+        the special tokens it names."""
+        from transformers import AutoTokenizer
+
+        loaded = AutoTokenizer.from_pretrained(name_or_dir)
+        return cls(
+            loaded.backend_tokenizer,
+            chat_template=getattr(loaded, "chat_template", None),
+            **_with_bert_markers({name: getattr(loaded, name, None) for name in _NAMED}),
+        )
 
     def with_end_of_text(self) -> "Tokenizer":
         """This tokenizer if it has an end-of-text token, else a copy with <|endoftext|> added
@@ -127,7 +170,8 @@ class Tokenizer:
             return self
         backend = tokenizers.Tokenizer.from_str(self.backend.to_str())
         backend.add_special_tokens([END_OF_TEXT])
-        return Tokenizer(backend, END_OF_TEXT, self.chat_template)
+        tokens = self.special_tokens() | {"eos_token": END_OF_TEXT}
+        return Tokenizer(backend, chat_template=self.chat_template, **tokens)
 
     @property
     def is_char_level(self) -> bool:
@@ -142,12 +186,16 @@ class Tokenizer:
         return None if self.eos_token is None else self.backend.token_to_id(self.eos_token)
 
     @property
+    def bos_token_id(self) -> int | None:
+        return None if self.bos_token is None else self.backend.token_to_id(self.bos_token)
+
+    @property
     def pad_token_id(self) -> int | None:
-        return self.backend.token_to_id(PAD)
+        return None if self.pad_token is None else self.backend.token_to_id(self.pad_token)
 
     @property
     def unknown_token_id(self) -> int | None:
-        return self.backend.token_to_id(UNKNOWN)
+        return None if self.unk_token is None else self.backend.token_to_id(self.unk_token)
 
     def _check_characters(self, text: str) -> None:
         if self.is_char_level and self.unknown_token_id is None:
@@ -184,13 +232,9 @@ class Tokenizer:
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1_000_000_000,
         }
-        if self.eos_token is not None:
-            settings.update(eos_token=self.eos_token, bos_token=self.eos_token)
+        settings.update({name: token for name, token in self.special_tokens().items() if token})
         if self.chat_template is not None:
             settings["chat_template"] = self.chat_template
-        for name, token in (("pad_token", PAD), ("unk_token", UNKNOWN)):
-            if self.backend.token_to_id(token) is not None:
-                settings[name] = token
         (directory / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 
@@ -220,10 +264,33 @@ def bpe_size(spec: str) -> int:
     return int(size)
 
 
-def _configured_eos(directory: Path) -> str | None:
-    """The eos_token a tokenizer_config.json in directory names, if any."""
-    try:
-        settings = json.loads((directory / "tokenizer_config.json").read_text())
-        return _named_token(settings.get("eos_token")) if isinstance(settings, dict) else None
-    except (OSError, ValueError):
-        return None
+_NAMED = ("eos_token", "bos_token", "pad_token", "unk_token", "sep_token", "cls_token")
+
+
+def _configured(directory: Path) -> dict[str, str | None]:
+    """The special tokens that special_tokens_map.json and tokenizer_config.json in directory
+    name (the latter wins), as keyword arguments of Tokenizer."""
+    named: dict[str, str | None] = {}
+    for file in ("special_tokens_map.json", "tokenizer_config.json"):
+        try:
+            settings = json.loads((directory / file).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(settings, dict):
+            named.update({k: _named_token(settings[k]) for k in _NAMED if settings.get(k)})
+    return _with_bert_markers(named)
+
+
+def _with_bert_markers(named: dict[str, str | None]) -> dict[str, str | None]:
+    """Tokenizer's keyword arguments from named special tokens: a vocabulary that names no
+    eos_token but a sep_token (BERT's [SEP]) ends texts with it, and begins them with its
+    cls_token ([CLS]), as BERT-vocabulary GPT-2s were pretrained."""
+    eos, bos = named.get("eos_token"), named.get("bos_token")
+    if eos is None and named.get("sep_token"):
+        eos, bos = named["sep_token"], bos or named.get("cls_token")
+    return {
+        "eos_token": eos,
+        "bos_token": bos,
+        "pad_token": named.get("pad_token"),
+        "unk_token": named.get("unk_token"),
+    }

@@ -193,7 +193,7 @@ def test_end_of_text_tokens_need_one_in_the_tokenizer(tmp_path):
         tmp_path / "words.csv", [(f"{'good' if i % 2 else 'bad'} {i}", i % 2) for i in range(30)]
     )
     for flags, message in (({"pooling": "eot"}, "--pooling eot"), ({"bos": True}, "--bos")):
-        with pytest.raises(UserError, match=f"^{message} needs <\\|endoftext\\|> in the tok"):
+        with pytest.raises(UserError, match=f"^{message} needs an end-of-text token"):
             prepare_classify(
                 str(csv), tmp_path / "out", tokenizer_name=str(tmp_path / "tok"), **flags
             )
@@ -589,3 +589,68 @@ def test_a_hugging_face_gpt2_fine_tuned_as_a_classifier(tmp_path):
     with torch.no_grad():
         ours = load_checkpoint(tmp_path / "run").model(inputs)
         assert (theirs(inputs).logits - ours).abs().max().item() <= 1e-4
+
+
+@pytest.mark.slow
+def test_a_bert_vocabulary_gpt2_is_fine_tuned_with_its_own_special_tokens(tmp_path):
+    """The Chinese GPT-2s of the hub (uer/gpt2-chinese-cluecorpussmall) have a BERT vocabulary:
+    a vocab.txt, no tokenizer.json and no eos_token, texts pretrained as [CLS] text [SEP]. Such a
+    directory is a tokenizer and a starting point: rows are [CLS] text [SEP] [PAD]..., the head
+    pools at [SEP], and the classifier exported from it reads raw text in transformers as ours
+    does (same ids, same logits)."""
+    from transformers import BertTokenizerFast, GPT2Config, GPT2LMHeadModel
+
+    hub = tmp_path / "gpt2-chinese"
+    hub.mkdir()
+    texts = pd.read_csv(CHNSENTICORP)["review"].dropna().astype(str)[:400]
+    chars = sorted({char for text in texts for char in text if not char.isspace()})
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    (hub / "vocab.txt").write_text("\n".join(specials + chars) + "\n", encoding="utf-8")
+    BertTokenizerFast.from_pretrained(hub).save_pretrained(hub)
+    (hub / "tokenizer.json").unlink()  # as on the hub: the vocabulary and two small JSON files
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(specials) + len(chars),
+        n_positions=64,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    GPT2LMHeadModel(config).save_pretrained(hub)
+    csv = write_csv(tmp_path / "zh.csv", [(text, i % 2) for i, text in enumerate(texts)])
+    data = prepare_classify(
+        str(csv), tmp_path / "data", tokenizer_name=str(hub), context=32, pooling="eot", bos=True
+    )
+    tokenizer = Tokenizer.load(data)
+    cls, sep, pad = (tokenizer.backend.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]"))
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (cls, sep)
+    assert read_meta(data)["pad_token_id"] == pad
+    rows = np.fromfile(data / "train.bin", dtype=read_meta(data)["dtype"]).reshape(-1, 32)
+    lengths = np.fromfile(data / "train_lengths.bin", dtype=np.int32)
+    for row, n in zip(rows, lengths):
+        assert row[0] == cls and row[n - 1] == sep and (row[n:] == pad).all()
+        assert not np.isin(row[1 : n - 1], [cls, sep, pad]).any()
+
+    run_script(
+        "train.py",
+        f"--data.dir={data}",
+        f"--init_from={hub}",
+        "--batch_size=8",
+        "--max_steps=4",
+        "--macro_batch_steps=2",
+        "--out_dir=run",
+        cwd=tmp_path,
+    )
+    best = tmp_path / "run" / "best"
+    theirs = AutoModelForSequenceClassification.from_pretrained(best).eval()
+    assert (theirs.config.bos_token_id, theirs.config.pad_token_id) == (cls, pad)
+    fitting = [text for text in texts if len(text) <= 20][:8]
+    encoded = AutoTokenizer.from_pretrained(best)(fitting, padding=True, return_tensors="pt")
+    ours = load_checkpoint(tmp_path / "run")
+    for text, ids in zip(fitting, encoded["input_ids"]):
+        assert ids[ids != pad].tolist() == [cls, *ours.tokenizer.encode(text), sep]
+    with torch.no_grad():
+        mine = ours.model(encoded["input_ids"])
+        assert (theirs(**encoded).logits - mine).abs().max().item() <= 1e-4

@@ -176,19 +176,20 @@ def char_vocabulary(train_texts: list[str], min_count: int) -> Tokenizer:
 
 
 def padding_token(tokenizer: Tokenizer, pooling: str) -> int:
-    """The id rows are padded with: <|pad|>, or GPT-2's convention of <|endoftext|> where the
-    tokenizer has no pad token (then <|endoftext|> cannot also mark the pooled position)."""
+    """The id rows are padded with: the tokenizer's pad token (<|pad|>, BERT's [PAD]), or GPT-2's
+    convention of its end-of-text token where it has none (which then cannot also mark the pooled
+    position)."""
     if tokenizer.pad_token_id is not None:
         return tokenizer.pad_token_id
     if tokenizer.eos_token_id is None:
         raise UserError(
-            f"the tokenizer has neither {PAD} nor {END_OF_TEXT} to pad texts with; use "
-            "--tokenizer char, or a tokenizer that has one of them"
+            f"the tokenizer has neither a pad token ({PAD}) nor an end-of-text token "
+            f"({END_OF_TEXT}) to pad texts with; use --tokenizer char, or a tokenizer that has one"
         )
     if pooling == "eot":
         raise UserError(
-            f"--pooling eot needs a pad token other than {END_OF_TEXT}, and this tokenizer has "
-            f"no {PAD}; use --pooling last, or --tokenizer char"
+            f"--pooling eot needs a pad token other than {tokenizer.eos_token}, and this tokenizer "
+            "has none; use --pooling last, or --tokenizer char"
         )
     return tokenizer.eos_token_id
 
@@ -217,8 +218,9 @@ def kept_part(ids: list[int], room: int, keep: str) -> list[int]:
 
 
 def end_of_text_tokens(pooling: str, bos: bool) -> int:
-    """How many <|endoftext|> each row adds to its text: one after it with pooling "eot", one
-    before it with bos."""
+    """How many markers each row adds to its text: an end-of-text token after it with pooling
+    "eot", a beginning-of-text token before it with bos (both <|endoftext|> in ours and GPT-2's
+    vocabulary; BERT's vocabulary has [SEP] and [CLS])."""
     return (pooling == "eot") + bos
 
 
@@ -232,8 +234,9 @@ def encode_split(
     pad: int,
     bos: bool = False,
 ) -> EncodedSplit:
-    """Token rows of the texts: cut to the context (see kept_part), an <|endoftext|> appended
-    with pooling "eot" and put before the text with bos, padded on the right."""
+    """Token rows of the texts: cut to the context (see kept_part), the end-of-text token appended
+    with pooling "eot" and the beginning-of-text token put before the text with bos, padded on the
+    right."""
     room = context - end_of_text_tokens(pooling, bos)
     rows = np.full((len(texts), context), pad, dtype=token_dtype(tokenizer.vocab_size))
     lengths = np.zeros(len(texts), dtype=np.int32)
@@ -251,7 +254,7 @@ def encode_split(
         if pooling == "eot":
             ids = [*ids, tokenizer.eos_token_id]
         if bos:
-            ids = [tokenizer.eos_token_id, *ids]
+            ids = [tokenizer.bos_token_id, *ids]
         unknown += sum(token == tokenizer.unknown_token_id for token in ids)
         rows[i, : len(ids)] = ids
         lengths[i] = len(ids)
@@ -259,14 +262,15 @@ def encode_split(
 
 
 def end_of_text_template(tokenizer: Tokenizer, after: bool, before: bool) -> None:
-    """Make transformers' AutoTokenizer put <|endoftext|> after every text (pooling "eot") and
-    before it (bos), as the data does."""
+    """Make transformers' AutoTokenizer put the end-of-text token after every text (pooling
+    "eot") and the beginning-of-text token before it (bos), as the data does."""
     from tokenizers.processors import TemplateProcessing
 
-    eot = (END_OF_TEXT, tokenizer.eos_token_id)
-    text = " ".join([END_OF_TEXT] * before + ["$A"] + [END_OF_TEXT] * after)
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token
+    text = " ".join([bos] * before + ["$A"] + [eos] * after)
+    markers = {(bos, tokenizer.bos_token_id), (eos, tokenizer.eos_token_id)}
     tokenizer.backend.post_processor = TemplateProcessing(
-        single=text, pair=f"{text} {text.replace('$A', '$B')}", special_tokens=[eot]
+        single=text, pair=f"{text} {text.replace('$A', '$B')}", special_tokens=sorted(markers)
     )
 
 
@@ -296,9 +300,9 @@ def prepare_classify(
     a language-modelling data set of the same texts with the same tokenizer for pretraining:
     train is the training texts, val the val texts, each followed by <|endoftext|>.
 
-    With bos every text also starts with <|endoftext|>, as GPT-2 marks a text's beginning: a
-    language model pretrained on texts that each follow an <|endoftext|> then reads a text to
-    classify as it read them."""
+    With bos every text also starts with the tokenizer's beginning-of-text token (<|endoftext|>,
+    as GPT-2 marks a text's beginning; [CLS] in a BERT vocabulary): a language model pretrained
+    on texts that each follow it then reads a text to classify as it read them."""
     if pooling not in ("last", "eot"):
         raise UserError(f"--pooling {pooling!r}: use last or eot")
     if keep not in KEEP:
@@ -341,7 +345,10 @@ def prepare_classify(
     pad = padding_token(tokenizer, pooling)
     if end_of_text_tokens(pooling, bos) and tokenizer.eos_token_id is None:
         flags = "--pooling eot" if pooling == "eot" else "--bos"
-        raise UserError(f"{flags} needs {END_OF_TEXT} in the tokenizer; use --tokenizer char")
+        raise UserError(
+            f"{flags} needs an end-of-text token ({END_OF_TEXT}) in the tokenizer; use "
+            "--tokenizer char"
+        )
     encoded = {
         split: encode_split(
             split_texts[split],
@@ -551,7 +558,7 @@ def format_report(scores: dict) -> str:
 
 COMMANDS = {
     "classify": "labelled texts (CSV/JSONL/parquet or a Hugging Face data set) for a classifier",
-    "chnsenticorp": "ChnSentiCorp hotel reviews (positive/negative), characters, 80/10/10",
+    "chnsenticorp": "ChnSentiCorp hotel reviews (positive/negative), 80/10/10",
 }
 SCORES = {"classify": "accuracy, per-class precision/recall/F1, confusion matrix (classifiers)"}
 CHECKPOINT_METRIC = "val_accuracy"
@@ -569,21 +576,27 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--text_column", default="review", help="column of the texts")
         parser.add_argument("--label_column", default="label", help="column of the labels")
         parser.add_argument("--hf_split", default="train", help="split of a HF data set to read")
-        parser.add_argument(
-            "--tokenizer", default="char", help="'char', a tokenizer directory, or a hub name"
-        )
         parser.add_argument("--name", default="classify", help="data set name (under data/)")
         parser.add_argument("--val_fraction", type=fraction, default=0.1)
         parser.add_argument("--test_fraction", type=fraction, default=0.1)
         parser.add_argument("--seed", type=random_seed, default=0, help="seed of the split")
     parser.add_argument(
-        "--context", type=positive_int, default=256, help="tokens per text, <|endoftext|> included"
+        "--tokenizer",
+        default="char",
+        help="'char' (the training texts' characters), or the tokenizer directory or hub name of "
+        "a model to fine-tune",
+    )
+    parser.add_argument(
+        "--context",
+        type=positive_int,
+        default=256,
+        help="tokens per text, <|endoftext|> (a BERT vocabulary's [CLS], [SEP]) included",
     )
     parser.add_argument(
         "--pooling",
         choices=("last", "eot"),
         default="last",
-        help="classify at the text's last token, or at an <|endoftext|> appended to it",
+        help="classify at the text's last token, or at an <|endoftext|> ([SEP]) appended to it",
     )
     parser.add_argument(
         "--keep",
@@ -594,7 +607,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument(
         "--bos",
         action="store_true",
-        help="start each text with <|endoftext|> too, as every text of the pretraining set does",
+        help="start each text with <|endoftext|> ([CLS]) too, as every text of the pretraining "
+        "set does",
     )
     parser.add_argument(
         "--min_char_count",
