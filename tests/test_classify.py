@@ -200,6 +200,76 @@ def test_end_of_text_tokens_need_one_in_the_tokenizer(tmp_path):
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "named, expected",
+    [
+        # ours: <|endoftext|> ends and begins a text, <|pad|> pads, <|unk|> is unknown
+        ({}, ("<|endoftext|>", "<|endoftext|>", "<|pad|>", "<|unk|>")),
+        # GPT-2's hub tokenizer names <|endoftext|> as its unk_token too: no unknown token then
+        (
+            {
+                "eos_token": "<|endoftext|>",
+                "bos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+            },
+            ("<|endoftext|>", "<|endoftext|>", None, None),
+        ),
+        # Llama's: its own beginning token
+        (
+            {"eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"},
+            ("</s>", "<s>", "<|pad|>", "<unk>"),
+        ),
+        # BERT's: no eos_token, so [SEP] ends a text and [CLS] begins one
+        (
+            {
+                "sep_token": "[SEP]",
+                "cls_token": "[CLS]",
+                "pad_token": "[PAD]",
+                "unk_token": "[UNK]",
+            },
+            ("[SEP]", "[CLS]", "[PAD]", "[UNK]"),
+        ),
+    ],
+)
+def test_a_loaded_tokenizer_keeps_the_special_tokens_its_files_name(tmp_path, named, expected):
+    """The special tokens of tokenizer_config.json (or special_tokens_map.json) are read, kept,
+    and saved again so that a reload (and transformers) finds the same ones."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers.models import WordLevel
+
+    tokens = [
+        "<|endoftext|>",
+        "<|pad|>",
+        "<|unk|>",
+        "</s>",
+        "<s>",
+        "<unk>",
+        "[SEP]",
+        "[CLS]",
+        "[PAD]",
+        "[UNK]",
+        "好",
+    ]
+    if named.get("unk_token") == "<|endoftext|>":  # GPT-2 has neither <|pad|> nor <|unk|>
+        tokens = [t for t in tokens if t not in ("<|pad|>", "<|unk|>")]
+    backend = Backend(WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=tokens[-2]))
+    source = tmp_path / "source"
+    source.mkdir()
+    backend.save(str(source / "tokenizer.json"))
+    file = "special_tokens_map.json" if "sep_token" in named else "tokenizer_config.json"
+    (source / file).write_text(json.dumps(named))
+    loaded = Tokenizer.load(source)
+    names = (loaded.eos_token, loaded.bos_token, loaded.pad_token, loaded.unk_token)
+    assert names == expected
+    (tmp_path / "saved").mkdir()
+    loaded.save(tmp_path / "saved")
+    again = Tokenizer.load(tmp_path / "saved")
+    assert (again.eos_token, again.bos_token, again.pad_token, again.unk_token) == expected
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert (theirs.eos_token, theirs.bos_token) == expected[:2]
+    assert (theirs.pad_token, theirs.unk_token) == expected[2:]
+
+
 def test_characters_unseen_in_training_read_as_unknown(reviews):
     tokenizer = Tokenizer.load(reviews)
     assert tokenizer.encode("好☃")[1] == tokenizer.unknown_token_id
