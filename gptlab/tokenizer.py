@@ -61,18 +61,17 @@ class Tokenizer:
         ends a text and begins one (GPT-2's convention), <|pad|> pads, <|unk|> stands for what
         the vocabulary lacks, each where the vocabulary has it."""
         self.backend = backend
-        in_vocab = [
-            t
-            for t in (eos_token, bos_token, pad_token, unk_token, END_OF_TEXT, PAD, UNKNOWN)
-            if t is not None and backend.token_to_id(t) is not None
-        ]
-        self.eos_token = next((t for t in (eos_token, END_OF_TEXT) if t in in_vocab), None)
-        self.bos_token = bos_token if bos_token in in_vocab else self.eos_token
+
+        def first_known(*tokens: str | None, unlike: str | None = None) -> str | None:
+            """The first of the tokens that the vocabulary has and that is not `unlike`."""
+            return next((t for t in tokens if t != unlike and self._id(t) is not None), None)
+
+        self.eos_token = first_known(eos_token, END_OF_TEXT)
+        self.bos_token = first_known(bos_token) or self.eos_token
         # A pad or unknown token that is the end-of-text token (GPT-2's hub tokenizer names
         # <|endoftext|> as its unk_token) is none: padding and unknowns must not look like it.
-        usable = [t for t in in_vocab if t != self.eos_token]
-        self.pad_token = next((t for t in (pad_token, PAD) if t in usable), None)
-        self.unk_token = next((t for t in (unk_token, UNKNOWN) if t in usable), None)
+        self.pad_token = first_known(pad_token, PAD, unlike=self.eos_token)
+        self.unk_token = first_known(unk_token, UNKNOWN, unlike=self.eos_token)
         self.chat_template = chat_template
 
     def special_tokens(self) -> dict[str, str | None]:
@@ -173,6 +172,10 @@ class Tokenizer:
         tokens = self.special_tokens() | {"eos_token": END_OF_TEXT}
         return Tokenizer(backend, chat_template=self.chat_template, **tokens)
 
+    def _id(self, token: str | None) -> int | None:
+        """The id of a token, None for no token or one the vocabulary lacks."""
+        return None if token is None else self.backend.token_to_id(token)
+
     @property
     def is_char_level(self) -> bool:
         return isinstance(self.backend.model, models.WordLevel)
@@ -183,19 +186,19 @@ class Tokenizer:
 
     @property
     def eos_token_id(self) -> int | None:
-        return None if self.eos_token is None else self.backend.token_to_id(self.eos_token)
+        return self._id(self.eos_token)
 
     @property
     def bos_token_id(self) -> int | None:
-        return None if self.bos_token is None else self.backend.token_to_id(self.bos_token)
+        return self._id(self.bos_token)
 
     @property
     def pad_token_id(self) -> int | None:
-        return None if self.pad_token is None else self.backend.token_to_id(self.pad_token)
+        return self._id(self.pad_token)
 
     @property
     def unknown_token_id(self) -> int | None:
-        return None if self.unk_token is None else self.backend.token_to_id(self.unk_token)
+        return self._id(self.unk_token)
 
     def _check_characters(self, text: str) -> None:
         if self.is_char_level and self.unknown_token_id is None:

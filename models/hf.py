@@ -197,14 +197,14 @@ def from_hf_state(hf: dict[str, Tensor], config: ModelConfig, source: str) -> di
 def to_hf_config(
     config: ModelConfig, eos_token_id: int | None, bos_token_id: int | None = None
 ) -> dict:
-    """transformers' config.json fields of a model of this config; the beginning-of-text token
-    is the end-of-text one unless the tokenizer has its own (GPT-2's convention)."""
+    """transformers' config.json fields of a model of this config and its tokenizer's
+    end-of-text and beginning-of-text tokens (the same token in ours and GPT-2's)."""
     model_type = "gpt2" if config.arch == "gpt" else "llama"
     common = {
         "architectures": [(CLASSIFIERS if config.num_labels else SUPPORTED)[model_type]],
         "vocab_size": config.vocab_size,
         "tie_word_embeddings": config.tie_embeddings,
-        "bos_token_id": eos_token_id if bos_token_id is None else bos_token_id,
+        "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
         "dtype": "float32",
     }
